@@ -1,0 +1,126 @@
+"""ResNet backbone with frozen BatchNorm, joined with the position encoding (DETR's ``backbone.0`` / ``backbone.1``)."""
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from util.errors import UserError
+from util.misc import NestedTensor
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+# the main path of a torchvision ResNet, in order; the classifier head (avgpool, fc) is dropped
+_BODY_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+class ResNetBody(nn.Module):
+    """The convolutional trunk of a torchvision ResNet, keeping its module names (``conv1``, ``layer1`` ...)."""
+
+    def __init__(self, resnet: nn.Module):
+        super().__init__()
+        for name in _BODY_LAYERS:
+            self.add_module(name, getattr(resnet, name))
+
+    def forward(self, x):
+        for module in self.children():
+            x = module(x)
+        return x
+
+
+def _resnet_stride(resnet: nn.Module) -> int:
+    """Total stride of the trunk, read from its modules (32, or 16 when layer4 is dilated)."""
+    stride = resnet.conv1.stride[0] * resnet.maxpool.stride
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        downsample = getattr(resnet, name)[0].downsample
+        stride *= downsample[0].stride[0] if downsample is not None else 1
+    return stride
+
+
+def _load_backbone_weights(resnet: nn.Module, name: str, weights: str) -> None:
+    """``weights``: 'imagenet' (torchvision's IMAGENET1K_V1, DETR's choice), 'none', or a path to a state dict."""
+    if weights == "none":
+        return
+    if weights == "imagenet":
+        url = torchvision.models.get_model_weights(name)["IMAGENET1K_V1"].url
+        try:
+            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False)
+        except Exception as exc:  # network errors come in many types (URLError, OSError, HTTPError)
+            raise UserError(
+                f"could not download the ImageNet weights for {name} ({url}: {exc}); pass "
+                f"--backbone_weights none to train from scratch or --backbone_weights PATH for a local file"
+            ) from None
+    else:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise UserError(f"--backbone_weights {weights}: file not found") from None
+        except Exception as exc:
+            raise UserError(f"--backbone_weights {weights}: cannot read it as a state dict ({exc})") from None
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = resnet.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise UserError(f"--backbone_weights {weights} do not fit {name}: "
+                        f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+                        f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+
+
+class Backbone(nn.Module):
+    """ResNet trunk with frozen BatchNorm. Output: the last feature map and its downsampled padding mask."""
+
+    def __init__(self, name: str, train_backbone: bool, dilation: bool, weights: str = "none"):
+        super().__init__()
+        if name not in RESNETS:
+            raise UserError(f"--backbone {name} is not supported; choose one of {', '.join(RESNETS)}")
+        resnet = getattr(torchvision.models, name)(
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d)
+        _load_backbone_weights(resnet, name, weights)
+        # DETR trains layer2-4 and keeps the stem and layer1 frozen
+        for pname, parameter in resnet.named_parameters():
+            if not train_backbone or not pname.startswith(("layer2", "layer3", "layer4")):
+                parameter.requires_grad_(False)
+        self.num_channels = resnet.fc.in_features
+        self.stride = _resnet_stride(resnet)
+        self.body = ResNetBody(resnet)
+
+    def forward(self, samples: NestedTensor) -> NestedTensor:
+        """(B, 3, H, W) images with (B, H, W) mask -> (B, C, H/s, W/s) features with (B, H/s, W/s) mask."""
+        features = self.body(samples.tensors)
+        mask = F.interpolate(samples.mask[None].float(), size=features.shape[-2:])[0].bool()
+        return NestedTensor(features, mask)
+
+
+class Joiner(nn.Sequential):
+    """``backbone.0`` is the trunk, ``backbone.1`` the position encoding (DETR's checkpoint layout)."""
+
+    def __init__(self, backbone: Backbone, position_embedding: nn.Module):
+        super().__init__(backbone, position_embedding)
+        self.num_channels = backbone.num_channels
+        self.stride = backbone.stride
+
+    def forward(self, samples: NestedTensor) -> Tuple[List[NestedTensor], List[torch.Tensor]]:
+        features = self[0](samples)
+        pos = self[1](features).to(features.tensors.dtype)
+        return [features], [pos]
+
+
+def image_extent(mask: torch.Tensor, stride: int) -> torch.Tensor:
+    """Unpadded (width, height) of each image in feature cells, from the pixel padding mask.
+
+    mask: (B, H, W), True on padding; images are padded at the bottom/right, so row 0 and column 0 of every
+    image are real pixels. Returns (B, 2) float: pixels / stride (not rounded, as the spec says).
+    """
+    width = (~mask[:, 0, :]).sum(-1)
+    height = (~mask[:, :, 0]).sum(-1)
+    return torch.stack([width, height], dim=-1).float() / stride
+
+
+def build_backbone(args, position_embedding: nn.Module, weights: str) -> Joiner:
+    train_backbone = args.lr_backbone > 0
+    backbone = Backbone(args.backbone, train_backbone, args.dilation, weights)
+    return Joiner(backbone, position_embedding)
+
+
+__all__ = ["Backbone", "Joiner", "ResNetBody", "build_backbone", "image_extent", "RESNETS"]

@@ -1,0 +1,152 @@
+"""Batching (NestedTensor), progress logging and seeding."""
+import datetime
+import random
+import time
+from collections import defaultdict, deque
+from typing import Iterable, List, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from util.dist import get_world_size, is_dist_avail_and_initialized
+
+
+class NestedTensor:
+    """A padded image batch and its padding mask (True on padded pixels)."""
+
+    def __init__(self, tensors: Tensor, mask: Tensor):
+        self.tensors = tensors  # (B, C, H, W)
+        self.mask = mask  # (B, H, W) bool
+
+    def to(self, device, non_blocking: bool = False) -> "NestedTensor":
+        return NestedTensor(self.tensors.to(device, non_blocking=non_blocking),
+                            self.mask.to(device, non_blocking=non_blocking))
+
+    def decompose(self):
+        return self.tensors, self.mask
+
+    def __repr__(self):
+        return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={tuple(self.mask.shape)})"
+
+
+def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
+    """Zero-pad images (C, H, W) at the bottom/right to the largest H and W of the list."""
+    channels = tensor_list[0].shape[0]
+    height = max(t.shape[1] for t in tensor_list)
+    width = max(t.shape[2] for t in tensor_list)
+    first = tensor_list[0]
+    tensors = first.new_zeros((len(tensor_list), channels, height, width))
+    mask = torch.ones((len(tensor_list), height, width), dtype=torch.bool, device=first.device)
+    for img, pad_img, m in zip(tensor_list, tensors, mask):
+        pad_img[:, : img.shape[1], : img.shape[2]].copy_(img)
+        m[: img.shape[1], : img.shape[2]] = False
+    return NestedTensor(tensors, mask)
+
+
+def collate_fn(batch):
+    images, targets = zip(*batch)
+    return nested_tensor_from_tensor_list(list(images)), targets
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class SmoothedValue:
+    """A series of values with a windowed median/average and a global average."""
+
+    def __init__(self, window_size: int = 20, fmt: Optional[str] = None):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self) -> None:
+        """Only the global average is synchronised; the window stays local."""
+        if not is_dist_avail_and_initialized():
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        self.count = int(t[0].item())
+        self.total = t[1].item()
+
+    @property
+    def median(self) -> float:
+        return float(np.median(list(self.deque))) if self.deque else 0.0
+
+    @property
+    def avg(self) -> float:
+        return float(np.mean(list(self.deque))) if self.deque else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, value=self.value)
+
+
+class MetricLogger:
+    """Collects SmoothedValues and prints DETR-style progress lines with iteration count and ETA."""
+
+    def __init__(self, delimiter: str = "  "):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+        self.data_time = 0.0  # seconds waiting for the current item
+        self.iter_time = 0.0  # seconds of the previous full iteration
+
+    def update(self, **kwargs) -> None:
+        for name, value in kwargs.items():
+            if isinstance(value, Tensor):
+                value = value.item()
+            self.meters[name].update(float(value))
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = "", total: Optional[int] = None):
+        """Yield from ``iterable``; every ``print_freq`` items (and at the end) print progress and ETA.
+
+        Also exposes ``self.data_time`` / ``self.iter_time`` of the last item for the caller's logging.
+        """
+        total = len(iterable) if total is None else total
+        width = len(str(total))
+        start = end = time.time()
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        for i, obj in enumerate(iterable):
+            self.data_time = time.time() - end
+            data_time.update(self.data_time)
+            yield obj
+            self.iter_time = time.time() - end
+            iter_time.update(self.iter_time)
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                print(f"{header} [{i:{width}d}/{total}]  eta: {eta}  {self}  "
+                      f"time: {iter_time}  data: {data_time}", flush=True)
+            end = time.time()
+        elapsed = datetime.timedelta(seconds=int(time.time() - start))
+        print(f"{header} Total time: {elapsed} ({(time.time() - start) / max(total, 1):.4f} s / it)", flush=True)
+
+
+def world_batch_size(batch_size: int) -> int:
+    return batch_size * get_world_size()
