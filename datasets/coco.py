@@ -1,0 +1,193 @@
+"""COCO-format detection dataset (real COCO and the synthetic shapes set).
+
+Items follow the team contract: ``(img Tensor[3,H,W], target)`` with
+'boxes' (N,4) cxcywh normalised, 'labels' (N,) int64 COCO category ids,
+'image_id', 'orig_size', 'size' (h, w), 'area', 'iscrowd'.
+
+All annotation checks run once at build time so bad data fails before
+training starts; only image decoding is checked per item.
+"""
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from pycocotools.coco import COCO
+
+from util.dist import is_main_process
+from util.errors import UserError
+
+COCO_LAYOUT = "--coco_path with train2017/ val2017/ annotations/instances_{train,val}2017.json"
+
+
+def _warn(msg: str) -> None:
+    if is_main_process():
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def coco_paths(root, image_set: str) -> tuple[Path, Path]:
+    """Image folder and annotation file of ``image_set`` under a COCO root;
+    raises UserError naming the first path that is missing."""
+    if root is None or str(root) == "":
+        raise UserError(f"--coco_path is required for --dataset_file coco (expects {COCO_LAYOUT})")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"--coco_path {root} is not a directory (expects {COCO_LAYOUT})")
+    img_folder = root / f"{image_set}2017"
+    ann_file = root / "annotations" / f"instances_{image_set}2017.json"
+    if not img_folder.is_dir():
+        raise UserError(f"image folder {img_folder} not found (expects {COCO_LAYOUT})")
+    if not ann_file.is_file():
+        raise UserError(f"annotation file {ann_file} not found (expects {COCO_LAYOUT})")
+    return img_folder, ann_file
+
+
+def load_coco_api(ann_file) -> COCO:
+    """pycocotools COCO without its progress prints; unreadable JSON is a UserError."""
+    try:
+        with open(ann_file) as f:
+            dataset = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read annotation file {ann_file}: {e}") from e
+    if not isinstance(dataset, dict) or "images" not in dataset:
+        raise UserError(f"annotation file {ann_file} is not COCO format (no 'images' list)")
+    dataset.setdefault("annotations", [])
+    dataset.setdefault("categories", [])
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Images of a COCO annotation file; every image is kept, including those
+    without annotations (negatives)."""
+
+    def __init__(self, img_folder, ann_file, transforms=None, num_classes: int | None = None,
+                 skip_bad_images: bool = False):
+        self.img_folder = Path(img_folder)
+        self.ann_file = Path(ann_file)
+        self.transforms = transforms
+        self.skip_bad_images = skip_bad_images
+        self.coco = load_coco_api(ann_file)
+        self.ids = sorted(self.coco.imgs)
+        self.num_bad_images_skipped = 0
+        # One pass over the raw annotations at build time, so the count covers
+        # the whole file; targets themselves are built per item (as DETR).
+        self.num_degenerate_dropped = sum(
+            self._clipped_xyxy(a) is None for a in self.coco.dataset["annotations"]
+            if not a.get("iscrowd", 0))
+        if self.num_degenerate_dropped:
+            _warn(f"{self.num_degenerate_dropped} degenerate boxes dropped from {self.ann_file}")
+        if num_classes is not None:
+            self._check_category_ids(num_classes)
+
+    def _check_category_ids(self, num_classes: int) -> None:
+        cat_ids = [int(a["category_id"]) for a in self.coco.dataset["annotations"]]
+        if not cat_ids:
+            return
+        lo, hi = min(cat_ids), max(cat_ids)
+        if hi > num_classes - 1 or lo < 0:
+            raise UserError(
+                f"{self.ann_file} has category ids in [{lo}, {hi}] but --num_classes is {num_classes} "
+                f"(ids must lie in [0, num_classes-1]); set --num_classes {hi + 1} or larger")
+
+    def _clipped_xyxy(self, ann: dict) -> list[float] | None:
+        """COCO xywh -> xyxy clipped to the image; None when nothing of it is left."""
+        info = self.coco.imgs.get(ann["image_id"], {})
+        w, h = info.get("width", float("inf")), info.get("height", float("inf"))
+        x, y, bw, bh = (float(v) for v in ann["bbox"])
+        x1, y1 = min(max(x, 0.0), w), min(max(y, 0.0), h)
+        x2, y2 = min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
+        return [x1, y1, x2, y2] if x2 > x1 and y2 > y1 else None
+
+    def _target(self, img_id: int) -> dict:
+        """Training target in absolute xyxy: crowd regions are left out (as DETR's
+        targets; the evaluator still sees them) and degenerate boxes dropped."""
+        boxes, labels, area = [], [], []
+        for ann in self.coco.imgToAnns.get(img_id, []):
+            box = None if ann.get("iscrowd", 0) else self._clipped_xyxy(ann)
+            if box is None:
+                continue
+            boxes.append(box)
+            labels.append(int(ann["category_id"]))
+            area.append(float(ann.get("area", (box[2] - box[0]) * (box[3] - box[1]))))
+        return {
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "area": torch.tensor(area, dtype=torch.float32),
+            "iscrowd": torch.zeros(len(boxes), dtype=torch.int64),
+        }
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _load_image(self, img_id: int) -> Image.Image:
+        info = self.coco.imgs[img_id]
+        path = self.img_folder / info["file_name"]
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            raise _BadImage(f"cannot read image {path}: {e}") from e
+        expected = (info.get("width"), info.get("height"))
+        if None not in expected and img.size != expected:
+            raise _BadImage(f"image {path} is {img.size[0]}x{img.size[1]} but {self.ann_file} says "
+                            f"{expected[0]}x{expected[1]}")
+        return img
+
+    def __getitem__(self, idx: int):
+        # A bad image is replaced by the next index's item, so the substitute
+        # is deterministic; len(self) failures in a row means nothing is readable.
+        for attempt in range(len(self)):
+            i = (idx + attempt) % len(self)
+            try:
+                return self._get(i)
+            except _BadImage as e:
+                if not self.skip_bad_images:
+                    raise UserError(f"{e}; fix or remove it, or pass --skip_bad_images") from None
+                self.num_bad_images_skipped += 1
+                _warn(f"{e}; skipped (--skip_bad_images; {self.num_bad_images_skipped} skips so far "
+                      f"in this process)")
+        raise UserError(f"no readable image in {self.img_folder}")
+
+    def _get(self, i: int):
+        img_id = self.ids[i]
+        img = self._load_image(img_id)
+        w, h = img.size
+        target = self._target(img_id)
+        target["image_id"] = torch.tensor([img_id])
+        target["orig_size"] = torch.tensor([h, w])
+        target["size"] = torch.tensor([h, w])
+        if self.transforms is not None:
+            img, target = self.transforms(img, target)
+        return img, target
+
+
+class _BadImage(Exception):
+    """An image file that cannot be decoded or does not match its annotation."""
+
+
+def build_coco(image_set: str, coco_path, transforms, num_classes: int,
+               skip_bad_images: bool = False) -> CocoDetection:
+    img_folder, ann_file = coco_paths(coco_path, image_set)
+    return CocoDetection(img_folder, ann_file, transforms=transforms, num_classes=num_classes,
+                         skip_bad_images=skip_bad_images)
+
+
+def max_category_id(ann_file) -> int:
+    """Largest category id listed in an annotation file (categories and annotations)."""
+    coco = load_coco_api(ann_file)
+    ids = [int(c["id"]) for c in coco.dataset["categories"]]
+    ids += [int(a["category_id"]) for a in coco.dataset["annotations"]]
+    if not ids:
+        raise UserError(f"{ann_file} lists no categories; pass --num_classes")
+    return max(ids)
+
+
+__all__ = ["CocoDetection", "build_coco", "coco_paths", "load_coco_api", "max_category_id",
+           "COCO_LAYOUT"]

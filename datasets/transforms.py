@@ -1,0 +1,212 @@
+"""Paired image/target transforms for detection (DETR's recipe).
+
+Every transform is called as ``img, target = t(img, target)``. Until
+``Normalize``, ``target['boxes']`` is (N, 4) absolute xyxy in pixels of the
+current image; ``Normalize`` turns it into cxcywh normalised by the image size,
+the format the model and the loss expect. Geometry transforms work on PIL
+images; ``ToTensor`` comes after them.
+
+Randomness comes from torch's generator, so ``torch.manual_seed`` and the
+per-worker seeding of ``DataLoader`` make augmentation reproducible.
+"""
+import torch
+import torchvision.transforms.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Per-box fields that must be filtered together with the boxes.
+_PER_BOX_FIELDS = ("boxes", "labels", "area", "iscrowd")
+
+
+def _rand() -> float:
+    return torch.rand(()).item()
+
+
+def _randint(low: int, high: int) -> int:
+    """Uniform integer in [low, high] (both inclusive)."""
+    return int(torch.randint(low, high + 1, ()).item())
+
+
+def _keep_boxes(target: dict, keep: torch.Tensor) -> dict:
+    for field in _PER_BOX_FIELDS:
+        if field in target:
+            target[field] = target[field][keep]
+    return target
+
+
+def hflip(img, target: dict):
+    """Mirror the image left-right; x1' = w - x2, x2' = w - x1."""
+    w, _ = img.size
+    img = F.hflip(img)
+    target = target.copy()
+    if "boxes" in target:
+        boxes = target["boxes"]
+        target["boxes"] = torch.stack(
+            [w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+    return img, target
+
+
+def resize(img, target: dict, size: int, max_size: int | None = None):
+    """Resize so the shorter side is ``size`` unless that pushes the longer
+    side past ``max_size``; then the longer side is ``max_size``. Aspect kept."""
+    w, h = img.size
+    scale = size / min(w, h)
+    if max_size is not None and max(w, h) * scale > max_size:
+        scale = max_size / max(w, h)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    img = F.resize(img, [new_h, new_w])
+    ratio_w, ratio_h = new_w / w, new_h / h
+    target = target.copy()
+    if "boxes" in target:
+        target["boxes"] = target["boxes"] * torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h])
+    if "area" in target:
+        target["area"] = target["area"] * (ratio_w * ratio_h)
+    target["size"] = torch.tensor([new_h, new_w])
+    return img, target
+
+
+def crop(img, target: dict, top: int, left: int, height: int, width: int):
+    """Crop a region; boxes are shifted and clipped to it, and boxes left with
+    zero width or height are dropped with their labels/area/iscrowd."""
+    img = F.crop(img, top, left, height, width)
+    target = target.copy()
+    target["size"] = torch.tensor([height, width])
+    if "boxes" in target:
+        boxes = target["boxes"] - torch.tensor([left, top, left, top], dtype=target["boxes"].dtype)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        target["boxes"] = boxes
+        # Clipping changes the visible extent, so area is the clipped box's.
+        target["area"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        target = _keep_boxes(target, keep)
+    return img, target
+
+
+class RandomHorizontalFlip:
+    def __init__(self, p: float = 0.5):
+        self.p = p
+
+    def __call__(self, img, target):
+        if _rand() < self.p:
+            return hflip(img, target)
+        return img, target
+
+
+class RandomResize:
+    """Shorter side to a size drawn uniformly from ``sizes``; longer side capped."""
+
+    def __init__(self, sizes, max_size: int | None = None):
+        self.sizes = list(sizes)
+        self.max_size = max_size
+
+    def __call__(self, img, target):
+        size = self.sizes[_randint(0, len(self.sizes) - 1)]
+        return resize(img, target, size, self.max_size)
+
+
+class RandomSizeCrop:
+    """Crop a random region whose sides are drawn from [min_size, max_size]
+    (capped by the image); images smaller than ``min_size`` are not enlarged."""
+
+    def __init__(self, min_size: int, max_size: int):
+        self.min_size = min_size
+        self.max_size = max_size
+
+    def __call__(self, img, target):
+        w, h = img.size
+        crop_w = _randint(min(self.min_size, w), min(w, self.max_size))
+        crop_h = _randint(min(self.min_size, h), min(h, self.max_size))
+        top = _randint(0, h - crop_h)
+        left = _randint(0, w - crop_w)
+        return crop(img, target, top, left, crop_h, crop_w)
+
+
+class RandomSelect:
+    """Apply ``a`` with probability ``p``, otherwise ``b``."""
+
+    def __init__(self, a, b, p: float = 0.5):
+        self.a, self.b, self.p = a, b, p
+
+    def __call__(self, img, target):
+        if _rand() < self.p:
+            return self.a(img, target)
+        return self.b(img, target)
+
+
+class ToTensor:
+    def __call__(self, img, target):
+        return F.to_tensor(img), target
+
+
+class Normalize:
+    """ImageNet mean/std on the image; boxes xyxy-absolute -> cxcywh in [0, 1]."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, img, target):
+        img = F.normalize(img, mean=self.mean, std=self.std)
+        target = target.copy()
+        h, w = img.shape[-2:]
+        if "boxes" in target:
+            x1, y1, x2, y2 = target["boxes"].unbind(-1)
+            cxcywh = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
+            target["boxes"] = cxcywh / torch.tensor([w, h, w, h], dtype=torch.float32)
+        return img, target
+
+
+class Compose:
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, img, target):
+        for t in self.transforms:
+            img, target = t(img, target)
+        return img, target
+
+    def __repr__(self):
+        return "Compose(" + ", ".join(type(t).__name__ for t in self.transforms) + ")"
+
+
+# DETR's COCO numbers: shorter side 480..800 (step 32), longer side <= 1333,
+# and for the crop branch a pre-resize to 400/500/600 then a 384..600 crop.
+COCO_SCALES = tuple(range(480, 801, 32))
+COCO_MAX_SIZE = 1333
+COCO_CROP_SIZES = (400, 500, 600)
+COCO_CROP_RANGE = (384, 600)
+
+
+def scaled_coco_transform_params(image_size: int) -> dict:
+    """DETR's COCO numbers scaled by ``image_size / 800`` (800 = largest COCO
+    scale), so small synthetic images keep the same augmentation geometry."""
+    f = image_size / COCO_SCALES[-1]
+    return dict(
+        scales=sorted({round(s * f) for s in COCO_SCALES}),
+        max_size=round(COCO_MAX_SIZE * f),
+        crop_sizes=sorted({round(s * f) for s in COCO_CROP_SIZES}),
+        crop_range=(round(COCO_CROP_RANGE[0] * f), round(COCO_CROP_RANGE[1] * f)),
+    )
+
+
+def make_coco_transforms(image_set: str, scales=COCO_SCALES, max_size: int = COCO_MAX_SIZE,
+                         crop_sizes=COCO_CROP_SIZES, crop_range=COCO_CROP_RANGE) -> Compose:
+    """DETR's train/val pipelines. ``image_set`` is 'train' or 'val'."""
+    normalize = Compose([ToTensor(), Normalize()])
+    if image_set == "train":
+        return Compose([
+            RandomHorizontalFlip(),
+            RandomSelect(
+                RandomResize(scales, max_size=max_size),
+                Compose([
+                    RandomResize(crop_sizes),
+                    RandomSizeCrop(*crop_range),
+                    RandomResize(scales, max_size=max_size),
+                ]),
+            ),
+            normalize,
+        ])
+    if image_set == "val":
+        return Compose([RandomResize([scales[-1]], max_size=max_size), normalize])
+    raise ValueError(f"unknown image_set {image_set!r}; expected 'train' or 'val'")

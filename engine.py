@@ -1,0 +1,185 @@
+"""Train one epoch and evaluate with pycocotools; explicit parameters, no argparse namespace."""
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch.utils.data.distributed import DistributedSampler
+
+from datasets.coco_eval import CocoEvaluator
+from util import dist
+from util.errors import UserError
+from util.misc import MetricLogger, SmoothedValue
+
+COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose epoch can start after its first ``start`` indices (a preempted epoch resumes
+    at the batch it stopped at, with the same order, since the order depends only on seed and epoch)."""
+
+    start = 0
+
+    def set_start(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    stats: Dict[str, float]
+    step: int  # global iteration counter after the epoch (TensorBoard x axis)
+    skipped: int = 0  # batches skipped for a non-finite loss
+    stopped_at: Optional[int] = None  # iterations done in this epoch when a stop was requested
+    losses: List[float] = field(default_factory=list)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _targets_to(targets, device) -> List[dict]:
+    return [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+
+def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, max_norm: float = 0.0,
+                    logger=None, step: int = 0, images_per_step: int = 1, log_every: int = 20,
+                    max_iters: int = 0, amp: bool = False, skip_nonfinite: int = 0,
+                    should_stop: Callable[[], bool] = lambda: False, start_iter: int = 0) -> TrainResult:
+    """One pass over ``data_loader``. Stops early after ``max_iters`` steps (0: no cap) or when
+    ``should_stop()`` turns true after a step (preemption: ``stopped_at`` says how many steps are done).
+    A non-finite loss raises NonFiniteLoss naming epoch, iteration and components, unless fewer than
+    ``skip_nonfinite`` batches were skipped so far (then the batch is skipped and counted)."""
+    model.train()
+    criterion.train()
+    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    total = len(data_loader) + start_iter
+    if max_iters:
+        total = min(total, max_iters)
+    result = TrainResult(stats={}, step=step)
+    weight_dict = criterion.weight_dict
+    iterator = metric_logger.log_every(data_loader, log_every, f"Epoch: [{epoch}]", total=total - start_iter)
+    for i, (samples, targets) in enumerate(iterator, start=start_iter):
+        if i >= total:
+            break
+        samples = samples.to(device)
+        targets = _targets_to(targets, device)
+        with _autocast(device, amp):
+            outputs = model(samples)
+        loss_dict = criterion({k: _float(v) for k, v in outputs.items()}, targets)
+        losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+
+        reduced = dist.reduce_dict({k: v.detach() for k, v in loss_dict.items()})
+        scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
+        unscaled = {f"{k}_unscaled": v for k, v in reduced.items()}
+        loss_value = sum(scaled.values()).item()
+        if not math.isfinite(loss_value):
+            components = ", ".join(f"{k}={v.item():.4g}" for k, v in scaled.items())
+            if result.skipped >= skip_nonfinite:
+                raise NonFiniteLoss(f"non-finite loss {loss_value} at epoch {epoch}, iteration {i} ({components}); "
+                                    f"stopped, the last checkpoint is untouched (--skip_nonfinite N skips such batches)")
+            result.skipped += 1
+            print(f"skipping batch: non-finite loss at epoch {epoch}, iteration {i} ({components}); "
+                  f"{result.skipped} skipped so far")
+            optimizer.zero_grad(set_to_none=True)
+            continue
+
+        optimizer.zero_grad(set_to_none=True)
+        losses.backward()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) if max_norm > 0
+                     else _grad_norm(model))
+        optimizer.step()
+        result.step += 1
+
+        metric_logger.update(loss=loss_value, **scaled, **unscaled)
+        metric_logger.update(class_error=reduced.get("class_error", torch.zeros(())))
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm))
+        result.losses.append(loss_value)
+        if logger is not None and (i % log_every == 0 or i == total - 1):
+            scalars = {"loss": loss_value, **{k: v.item() for k, v in scaled.items()},
+                       **{k: v.item() for k, v in unscaled.items()}, "grad_norm": float(grad_norm),
+                       "iter_time": metric_logger.iter_time,
+                       "data_time": metric_logger.data_time}
+            for g, group in enumerate(optimizer.param_groups):
+                scalars[f"lr_group{g}"] = group["lr"]
+            if device.type == "cuda":
+                scalars["cuda_max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            logger.log_iter(result.step, result.step * images_per_step, scalars)
+        if should_stop():
+            result.stopped_at = i + 1
+            break
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    result.stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    return result
+
+
+def _float(value):
+    """Losses in float32 whatever the autocast dtype of the outputs."""
+    if isinstance(value, torch.Tensor):
+        return value.float()
+    return [{k: v.float() for k, v in aux.items()} for aux in value]
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return torch.stack(norms).norm().item() if norms else 0.0
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: Dict, data_loader: Iterable,
+             base_ds, device: torch.device, amp: bool = False, log_every: int = 20) -> Tuple[Dict, List[float]]:
+    """Losses on the validation set and COCO bbox evaluation merged over all ranks.
+
+    Returns (stats, coco_stats): stats has the averaged losses and 'coco_eval_bbox' (the 12 COCOeval numbers);
+    coco_stats is that list.
+    """
+    model.eval()
+    criterion.eval()
+    metric_logger = MetricLogger(delimiter="  ")
+    evaluator = CocoEvaluator(base_ds, ("bbox",))
+    for samples, targets in metric_logger.log_every(data_loader, log_every, "Test:"):
+        samples = samples.to(device)
+        targets = _targets_to(targets, device)
+        with _autocast(device, amp):
+            outputs = model(samples)
+        outputs = {k: _float(v) for k, v in outputs.items()}
+        loss_dict = dist.reduce_dict(criterion(outputs, targets))
+        weight_dict = criterion.weight_dict
+        metric_logger.update(loss=sum(v * weight_dict[k] for k, v in loss_dict.items() if k in weight_dict),
+                             **{k: v * weight_dict[k] for k, v in loss_dict.items() if k in weight_dict},
+                             class_error=loss_dict.get("class_error", torch.zeros(())))
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        results = postprocessors["bbox"](outputs, orig_sizes)
+        evaluator.update({t["image_id"].item(): r for t, r in zip(targets, results)})
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    evaluator.synchronize_between_processes()
+    evaluator.accumulate()
+    coco_stats = [float(x) for x in evaluator.summarize()]
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats["coco_eval_bbox"] = coco_stats
+    return stats, coco_stats
+
+
+def final_metrics(test_stats: Dict) -> Dict[str, float]:
+    """The named COCO metrics of the last evaluation (empty if there was none)."""
+    coco = test_stats.get("coco_eval_bbox") if test_stats else None
+    return dict(zip(COCO_STAT_NAMES, coco)) if coco else {}
+
+
+__all__ = ["train_one_epoch", "evaluate", "final_metrics", "ResumableSampler", "TrainResult", "NonFiniteLoss"]

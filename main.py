@@ -1,0 +1,415 @@
+"""Train and evaluate DETR and its SMCA ablations. Flag names and defaults are DETR's, plus the ablation flags."""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
+
+import datasets
+import engine
+from models import build_model
+from util import checkpoint as ckpt
+from util import dist
+from util.errors import UserError
+from util.misc import collate_fn, seed_everything
+from util.preemption import PreemptionHandler, exit_for_requeue
+from util.tb import RunLogger
+
+DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
+# defaults that depend on the classification loss: (ce, focal); focal's are the research code's
+LOSS_DEFAULTS = {"ce": {"cls_loss_coef": 1.0, "set_cost_class": 1.0},
+                 "focal": {"cls_loss_coef": 2.0, "set_cost_class": 2.0}}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("DETR / SMCA ablations", add_help=False, allow_abbrev=False)
+    parser.add_argument("--lr", default=1e-4, type=float)
+    parser.add_argument("--lr_backbone", default=1e-5, type=float)
+    parser.add_argument("--batch_size", default=2, type=int)
+    parser.add_argument("--weight_decay", default=1e-4, type=float)
+    parser.add_argument("--epochs", default=300, type=int)
+    parser.add_argument("--lr_drop", default=200, type=int)
+    parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
+    parser.add_argument("--frozen_weights", type=str, default=None,
+                        help="DETR's segmentation-only flag; not supported by this fork")
+
+    # model
+    parser.add_argument("--backbone", default="resnet50", type=str,
+                        help="resnet18 | resnet34 | resnet50 | resnet101")
+    parser.add_argument("--backbone_weights", default="imagenet", type=str,
+                        help="imagenet (torchvision download) | none | PATH to a ResNet state dict")
+    parser.add_argument("--dilation", action="store_true", help="DC5: dilate the last stage (stride 16)")
+    parser.add_argument("--position_embedding", default="sine", choices=("sine", "learned"))
+    parser.add_argument("--enc_layers", default=6, type=int)
+    parser.add_argument("--dec_layers", default=6, type=int)
+    parser.add_argument("--dim_feedforward", default=2048, type=int)
+    parser.add_argument("--hidden_dim", default=256, type=int)
+    parser.add_argument("--dropout", default=0.1, type=float)
+    parser.add_argument("--nheads", default=8, type=int)
+    parser.add_argument("--num_queries", default=100, type=int)
+    parser.add_argument("--pre_norm", action="store_true")
+    parser.add_argument("--masks", action="store_true", help="DETR's segmentation head; not supported here")
+
+    # SMCA ablations (shared/design/ablation-modules.md)
+    parser.add_argument("--dynamic_scale", default="none", choices=DYNAMIC_SCALES,
+                        help="spatially modulated co-attention and its scale variant; none = plain DETR")
+    parser.add_argument("--smooth", default=8.0, type=float, help="bandwidth beta of the log-prior -D / beta")
+    parser.add_argument("--head_mixture", action="store_true", help="prior on the first half of the heads only")
+    parser.add_argument("--query_mixture", action="store_true",
+                        help="the first half of the queries are plain DETR queries")
+
+    # loss
+    parser.add_argument("--no_aux_loss", action="store_true", help="loss on the last decoder layer only")
+    parser.add_argument("--cls_loss", default="auto", choices=("auto", "ce", "focal"),
+                        help="auto: focal with --dynamic_scale, ce without")
+    parser.add_argument("--focal_alpha", default=0.25, type=float)
+    parser.add_argument("--focal_gamma", default=2.0, type=float)
+    parser.add_argument("--set_cost_class", default=None, type=float, help="default: 1 (ce) / 2 (focal)")
+    parser.add_argument("--set_cost_bbox", default=5.0, type=float)
+    parser.add_argument("--set_cost_giou", default=2.0, type=float)
+    parser.add_argument("--cls_loss_coef", default=None, type=float, help="default: 1 (ce) / 2 (focal)")
+    parser.add_argument("--bbox_loss_coef", default=5.0, type=float)
+    parser.add_argument("--giou_loss_coef", default=2.0, type=float)
+    parser.add_argument("--eos_coef", default=0.1, type=float, help="no-object class weight (ce)")
+
+    # data
+    parser.add_argument("--dataset_file", default="synthetic", choices=("coco", "synthetic"))
+    parser.add_argument("--coco_path", type=str, default=None)
+    parser.add_argument("--num_classes", type=int, default=None,
+                        help="largest category id + 1 (default: 91 for COCO, derived for synthetic)")
+    parser.add_argument("--synthetic_root", type=str,
+                        default=os.path.join(os.path.expanduser("~"), ".cache", "smca_detr", "synthetic"))
+    parser.add_argument("--synthetic_train_size", type=int, default=512)
+    parser.add_argument("--synthetic_val_size", type=int, default=64)
+    parser.add_argument("--synthetic_image_size", type=int, default=128)
+    parser.add_argument("--skip_bad_images", action="store_true",
+                        help="skip (and count) unreadable images instead of stopping")
+
+    # run
+    parser.add_argument("--output_dir", default="", help="where to save checkpoints, logs and event files")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", default=42, type=int)
+    parser.add_argument("--resume", default="", help="checkpoint path, https URL, or 'auto' (<output_dir>/checkpoint.pth if present)")
+    parser.add_argument("--finetune_from", default="", help="load model weights only (heads that do not fit are re-initialised)")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="allow checkpoints that need full unpickling (only for files you trust)")
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
+    parser.add_argument("--eval", action="store_true")
+    parser.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
+    parser.add_argument("--num_workers", default=2, type=int)
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    parser.add_argument("--log_every", default=20, type=int, help="progress line and TensorBoard point every N steps")
+    parser.add_argument("--save_every", default=100, type=int, help="keep checkpoint{epoch:04}.pth every N epochs")
+    parser.add_argument("--skip_nonfinite", default=0, type=int,
+                        help="skip up to N batches with a non-finite loss (default: stop at the first)")
+    parser.add_argument("--max_iters_per_epoch", default=0, type=int, help="cap steps per epoch (0: all; tests)")
+    parser.add_argument("--world_size", default=1, type=int, help="set from the launcher's environment")
+    parser.add_argument("--dist_url", default="env://")
+    return parser
+
+
+def check_args(args) -> None:
+    """Parse-time validation of values and combinations; raises UserError with one clear message."""
+    positive = ("batch_size", "epochs", "lr_drop", "enc_layers", "dec_layers", "hidden_dim", "nheads",
+                "num_queries", "dim_feedforward", "log_every", "save_every", "eval_every")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.hidden_dim % args.nheads:
+        raise UserError(f"--hidden_dim {args.hidden_dim} must be divisible by --nheads {args.nheads}")
+    if args.hidden_dim % 2:
+        raise UserError(f"--hidden_dim {args.hidden_dim} must be even (half goes to x, half to y positions)")
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.smooth <= 0:
+        raise UserError(f"--smooth must be > 0 (it divides the squared distance), got {args.smooth}")
+    for flag in ("head_mixture", "query_mixture"):
+        if getattr(args, flag) and args.dynamic_scale == "none":
+            raise UserError(f"--{flag} mixes the spatial prior with plain attention and needs --dynamic_scale "
+                            f"type1|type2|type3|type4 (got none)")
+    if args.head_mixture and args.nheads < 2:
+        raise UserError(f"--head_mixture needs at least 2 heads (the prior goes to floor(nheads/2)), "
+                        f"got --nheads {args.nheads}")
+    if args.query_mixture and args.num_queries < 2:
+        raise UserError(f"--query_mixture needs at least 2 queries, got --num_queries {args.num_queries}")
+    if args.num_classes is not None and args.num_classes <= 0:
+        raise UserError(f"--num_classes must be positive, got {args.num_classes}")
+    if args.masks or args.frozen_weights:
+        raise UserError("--masks / --frozen_weights (DETR's panoptic segmentation) are not supported by this fork")
+    if args.amp and not args.device.startswith("cuda"):
+        raise UserError(f"--amp uses bf16 autocast on CUDA; --device is {args.device}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device} but CUDA is not available; use --device cpu")
+    if args.skip_nonfinite < 0 or args.max_iters_per_epoch < 0 or args.start_epoch < 0:
+        raise UserError("--skip_nonfinite, --max_iters_per_epoch and --start_epoch must be >= 0")
+    if args.resume and args.finetune_from:
+        raise UserError("--resume and --finetune_from exclude each other: resume continues a run, "
+                        "finetune_from starts a new one from another run's weights")
+
+
+def resolve_loss(args) -> None:
+    """cls_loss auto -> focal with a spatial prior, ce without; loss-dependent defaults for coefficients."""
+    if args.cls_loss == "auto":
+        args.cls_loss = "ce" if args.dynamic_scale == "none" else "focal"
+    for name, value in LOSS_DEFAULTS[args.cls_loss].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def resolve_args(args) -> None:
+    """Validate and fill derived defaults in place (cls_loss, coefficients, num_classes)."""
+    check_args(args)
+    resolve_loss(args)
+    if args.num_classes is None:
+        args.num_classes = datasets.num_classes_for(args)
+
+
+def ablation_summary(args) -> str:
+    prior = "off (plain DETR co-attention)" if args.dynamic_scale == "none" else (
+        f"{args.dynamic_scale}, smooth {args.smooth:g}, head_mixture {args.head_mixture}, "
+        f"query_mixture {args.query_mixture}")
+    return (f"ablation: dynamic_scale {prior}; cls_loss {args.cls_loss} (coef {args.cls_loss_coef:g}, "
+            f"match cost {args.set_cost_class:g}); num_queries {args.num_queries}")
+
+
+def _check_output_dir(output_dir: str) -> None:
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        probe = Path(output_dir) / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"--output_dir {output_dir} is not writable ({exc.strerror}); choose another folder") from None
+
+
+def _resume_path(args) -> str:
+    if args.resume != "auto":
+        return args.resume
+    if not args.output_dir:
+        raise UserError("--resume auto needs --output_dir (it resumes from <output_dir>/checkpoint.pth)")
+    path = Path(args.output_dir) / "checkpoint.pth"
+    return str(path) if path.exists() else ""
+
+
+def _param_groups(model, args):
+    backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
+    return [{"params": rest, "lr": args.lr}, {"params": backbone, "lr": args.lr_backbone}]
+
+
+def _apply_overrides(optimizer, lr_scheduler, args, explicit) -> None:
+    """Explicit --lr/--lr_backbone/--weight_decay/--lr_drop win over the resumed optimizer and scheduler."""
+    if "lr" in explicit or "lr_backbone" in explicit or "weight_decay" in explicit:
+        decay = args.lr_drop_gamma ** (lr_scheduler.last_epoch // lr_scheduler.step_size)
+        for group, base in zip(optimizer.param_groups, (args.lr, args.lr_backbone)):
+            group["initial_lr"] = base
+            group["lr"] = base * decay
+            group["weight_decay"] = args.weight_decay
+        lr_scheduler.base_lrs = [args.lr, args.lr_backbone]
+        print(f"override on resume: lr {args.lr:g}, lr_backbone {args.lr_backbone:g}, "
+              f"weight_decay {args.weight_decay:g} (current lr {optimizer.param_groups[0]['lr']:g})")
+    if "lr_drop" in explicit:
+        lr_scheduler.step_size = args.lr_drop
+        print(f"override on resume: lr_drop {args.lr_drop}")
+    if "epochs" in explicit:
+        print(f"override on resume: epochs {args.epochs}")
+
+
+def _loaders(args, dataset_train, dataset_val):
+    world, rank = dist.get_world_size(), dist.get_rank()
+    # a seeded DistributedSampler also for one process: the data order depends only on (seed, epoch),
+    # so a resumed run sees exactly the batches a straight run would
+    sampler_train = engine.ResumableSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True,
+                                            seed=args.seed)
+    sampler_val = (DistributedSampler(dataset_val, num_replicas=world, rank=rank, shuffle=False)
+                   if world > 1 else SequentialSampler(dataset_val))
+    common = dict(collate_fn=collate_fn, num_workers=args.num_workers, persistent_workers=False)
+    loader_train = DataLoader(dataset_train, batch_size=args.batch_size, sampler=sampler_train, drop_last=True,
+                              **common)
+    loader_val = DataLoader(dataset_val, batch_size=args.batch_size, sampler=sampler_val, drop_last=False, **common)
+    if len(loader_train) == 0:
+        raise UserError(f"the training set has {len(dataset_train)} images, fewer than --batch_size "
+                        f"{args.batch_size} x {world} processes; lower --batch_size")
+    return sampler_train, loader_train, loader_val
+
+
+def main(args, explicit=frozenset()):
+    """Run training or evaluation. ``explicit``: the flag names the user passed (see util.checkpoint)."""
+    dist.init_distributed_mode(args)
+    print(f"world size: {dist.get_world_size()} (rank {dist.get_rank()})")
+    is_main = dist.is_main_process()
+    device = torch.device(args.device)
+    if args.output_dir:
+        _check_output_dir(args.output_dir)
+
+    resume_path = _resume_path(args)
+    checkpoint = ckpt.load_checkpoint(resume_path, trust=args.trust_checkpoint) if resume_path else None
+    if checkpoint is not None:
+        stored = checkpoint.get("config")
+        messages = (ckpt.reconcile_config(args, explicit, stored, resume_path) + ckpt.dc5_batch_warning(args)
+                    if stored else ckpt.infer_official_config(checkpoint["model"], resume_path, args, explicit))
+        for message in messages:
+            print(message)
+    resolve_args(args)
+    config = ckpt.config_to_dict(args)
+    print(json.dumps(config, sort_keys=True))
+    print(ablation_summary(args))
+
+    seed_everything(args.seed + dist.get_rank())
+    weights = "none" if (checkpoint is not None or args.finetune_from) else args.backbone_weights
+    model, criterion, postprocessors = build_model(args, backbone_weights=weights)
+    model.to(device)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    print(f"number of params: {n_parameters}")
+
+    optimizer = torch.optim.AdamW(_param_groups(model_without_ddp, args), lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    args.lr_drop_gamma = lr_scheduler.gamma
+
+    dataset_train = datasets.build_dataset("train", args) if not args.eval else None
+    dataset_val = datasets.build_dataset("val", args)
+    base_ds = datasets.get_coco_api_from_dataset(dataset_val)
+
+    start_epoch, start_iter, tb_step = args.start_epoch, 0, 0
+    if args.finetune_from:
+        source = ckpt.load_checkpoint(args.finetune_from, trust=args.trust_checkpoint)
+        for line in ckpt.finetune_weights(model_without_ddp, source["model"]):
+            print(line)
+    if checkpoint is not None:
+        ckpt.load_model_weights(model_without_ddp, checkpoint["model"])
+        if not args.eval and "optimizer" in checkpoint and "lr_scheduler" in checkpoint:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            _apply_overrides(optimizer, lr_scheduler, args, explicit)
+            start_epoch = checkpoint["epoch"] + 1
+            start_iter = checkpoint.get("iteration", 0)
+            if start_iter:
+                start_epoch -= 1  # a preempted epoch continues where it stopped
+            tb_step = checkpoint.get("tb_step", 0)
+            if "rng" in checkpoint:
+                ckpt.set_rng_state(checkpoint["rng"])
+            print(f"resumed from {resume_path} at epoch {start_epoch}"
+                  + (f", iteration {start_iter}" if start_iter else ""))
+
+    if args.eval:
+        stats, _ = engine.evaluate(model, criterion, postprocessors, DataLoader(
+            dataset_val, batch_size=args.batch_size, collate_fn=collate_fn, num_workers=args.num_workers,
+            sampler=(DistributedSampler(dataset_val, shuffle=False) if args.distributed
+                     else SequentialSampler(dataset_val))), base_ds, device, amp=args.amp)
+        if args.output_dir and is_main:
+            with open(Path(args.output_dir) / "eval.json", "w") as f:
+                json.dump({k: v for k, v in stats.items()}, f)
+        return stats
+
+    sampler_train, loader_train, loader_val = _loaders(args, dataset_train, dataset_val)
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is not None and is_main:
+        with open(output_dir / "config.json", "w") as f:
+            json.dump(config, f, indent=1, sort_keys=True)
+    logger = RunLogger(args.output_dir, enabled=is_main, purge_step=tb_step if checkpoint is not None else None)
+    logger.log_hparams(config, {})
+    preemption = PreemptionHandler()
+    try:
+        return _train(args, config, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
+                      dataset_val, base_ds, sampler_train, loader_train, loader_val, logger, preemption, output_dir,
+                      start_epoch, start_iter, tb_step, n_parameters, is_main, device)
+    finally:
+        preemption.uninstall()
+        logger.close()
+
+
+def _train(args, config, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
+           dataset_val, base_ds, sampler_train, loader_train, loader_val, logger, preemption, output_dir,
+           start_epoch, start_iter, tb_step, n_parameters, is_main, device):
+    diag_batch = next(iter(DataLoader(dataset_val, batch_size=min(2, len(dataset_val)), collate_fn=collate_fn)))[0]
+
+    def save(name: str, epoch: int, iteration: int = 0):
+        if output_dir is None or not is_main:
+            return
+        state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                 "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "iteration": iteration,
+                 "config": config, "rng": ckpt.rng_state(), "tb_step": tb_step}
+        ckpt.atomic_save(state, output_dir / name)
+
+    print("start training")
+    start_time = time.time()
+    test_stats = {}
+    for epoch in range(start_epoch, args.epochs):
+        epoch_start = time.time()
+        # the RNG of every epoch depends only on (seed, rank, epoch): resuming at an epoch is exact
+        seed_everything(args.seed + dist.get_rank() + 1000 * epoch)
+        sampler_train.set_epoch(epoch)
+        sampler_train.set_start(start_iter * args.batch_size if epoch == start_epoch else 0)
+        result = engine.train_one_epoch(
+            model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
+            logger=logger, step=tb_step, images_per_step=args.batch_size * dist.get_world_size(),
+            log_every=args.log_every, max_iters=args.max_iters_per_epoch, amp=args.amp,
+            skip_nonfinite=args.skip_nonfinite, should_stop=lambda: preemption.requested_on_any_rank(device),
+            start_iter=start_iter if epoch == start_epoch else 0)
+        train_stats, tb_step = result.stats, result.step
+        if result.stopped_at is not None:
+            save("checkpoint.pth", epoch, iteration=result.stopped_at)
+            print(f"{preemption.signal_name}: saved checkpoint at epoch {epoch}, iteration {result.stopped_at}")
+            logger.close()
+            preemption.uninstall()
+            exit_for_requeue(dist.get_rank())
+        lr_scheduler.step()
+        save("checkpoint.pth", epoch)
+        # keep a copy before each lr drop and every --save_every epochs (DETR)
+        if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.save_every == 0:
+            save(f"checkpoint{epoch:04}.pth", epoch)
+
+        coco_stats = None
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            test_stats, coco_stats = engine.evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
+                                                     amp=args.amp)
+        if args.dynamic_scale != "none":
+            logger.log_smca(epoch, model_without_ddp.smca_diagnostics(diag_batch.to(device)))
+        epoch_time = time.time() - epoch_start
+        logger.log_epoch(epoch, train_stats, coco_stats, epoch_time)
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                     **({f"test_{k}": v for k, v in test_stats.items()} if coco_stats is not None else {}),
+                     "epoch": epoch, "n_parameters": n_parameters, "epoch_time": epoch_time,
+                     "nonfinite_skipped": result.skipped}
+        if output_dir is not None and is_main:
+            with open(output_dir / "log.txt", "a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+    logger.log_hparams(config, engine.final_metrics(test_stats))
+    if output_dir is not None and is_main:
+        with open(output_dir / "finished.json", "w") as f:
+            json.dump({"epochs": args.epochs, "metrics": engine.final_metrics(test_stats)}, f)
+    print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    return test_stats
+
+
+def cli(argv=None) -> int:
+    parser = argparse.ArgumentParser("DETR / SMCA ablations", parents=[get_args_parser()], allow_abbrev=False)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except UserError as exc:
+        parser.error(str(exc))
+    try:
+        main(args, ckpt.explicit_flags(parser, argv))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        dist.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,512 @@
+"""Saving and loading checkpoints safely, and making a resumed run match the checkpoint.
+
+Runs last days on preemptible Slurm nodes, so:
+- ``atomic_save`` never leaves a half-written ``checkpoint.pth``: a kill mid-write keeps the previous one.
+- ``load_checkpoint`` unpickles with ``weights_only=True`` (no code runs while loading) unless the user
+  vouches for the file with ``--trust_checkpoint``; URLs go through the torch.hub cache.
+- ``reconcile_config`` / ``infer_official_config`` make the architecture flags agree with the weights
+  (taken from the checkpoint when not passed, an error when passed and different), so a resume or an
+  evaluation never silently builds a different model.
+- ``rng_state`` / ``set_rng_state`` carry the random generators across a resume, as plain data that a
+  ``weights_only`` load accepts.
+"""
+import argparse
+import http.client
+import os
+import pickle
+import random
+import re
+import secrets
+import socket
+import urllib.parse
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from util.errors import UserError
+
+# Flags that change which parameters exist or their shapes, or what the trained weights mean
+# (dilation, position encoding, the SMCA prior variants, the classification loss). A resumed or evaluated
+# model must be built with the checkpoint's values. --no_aux_loss is left out on purpose: the auxiliary
+# heads share the final head's weights, so it changes the loss, never the weights.
+ARCH_FLAGS = (
+    'backbone', 'dilation', 'position_embedding', 'hidden_dim', 'nheads', 'enc_layers', 'dec_layers',
+    'dim_feedforward', 'pre_norm', 'num_queries', 'dynamic_scale', 'smooth', 'head_mixture',
+    'query_mixture', 'cls_loss', 'num_classes', 'masks',
+)
+
+# Official DETR checkpoints pickle their argparse.Namespace under 'args'. Rebuilding a Namespace is
+# object.__new__ plus filling its __dict__ with values the weights_only unpickler already vetted, so
+# allowing it runs no code; every other global stays refused.
+_SAFE_GLOBALS = [argparse.Namespace]
+
+# How long a checkpoint download may stall. Compute nodes without internet often drop packets instead
+# of refusing connections, and urllib would otherwise wait for the kernel's connect timeout per attempt.
+_DOWNLOAD_TIMEOUT_S = 60
+
+# ResNet depth from the weights: (blocks in layer3, bottleneck blocks have a conv3) -> torchvision name.
+_RESNET_BY_LAYER3 = {
+    (2, False): 'resnet18', (6, False): 'resnet34', (6, True): 'resnet50',
+    (23, True): 'resnet101', (36, True): 'resnet152',
+}
+
+_SHOWN_KEYS = 5
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing and reading files
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` such that ``path`` holds either the old or the new file, never a mix.
+
+    Writes a temporary file in the same folder (same filesystem, so the rename is atomic), fsyncs it,
+    ``os.replace``s it onto ``path`` and fsyncs the folder so the rename survives a node crash. On any
+    exception, KeyboardInterrupt included, the temporary file is removed and ``path`` is untouched.
+    A filesystem error (read-only folder, full disk, quota) raises UserError naming ``path``.
+    A process killed by SIGKILL mid-write can leave a ``.<name>.<pid>.<hex>.tmp`` file behind; it is
+    never read and is safe to delete.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f'.{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+    try:
+        # os.open with mode 0o666 lets the umask decide the permissions, as a plain torch.save would
+        # (tempfile.mkstemp would make checkpoints private to their owner).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        raise UserError(f'could not write checkpoint {path} ({_os_reason(e)})') from e
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(e, OSError):
+            raise UserError(f'could not write checkpoint {path} ({_os_reason(e)})') from e
+        raise
+    _fsync_dir(folder)
+
+
+def load_checkpoint(path_or_url: str, trust: bool = False) -> dict:
+    """Load a checkpoint dict onto the CPU from a local path or an http(s) URL.
+
+    URLs are downloaded once into the torch.hub cache (``$TORCH_HOME/hub/checkpoints``). Unless
+    ``trust`` is set the file is unpickled with ``weights_only=True``: tensors, containers, numbers and
+    strings (plus argparse.Namespace, see _SAFE_GLOBALS) load; any other pickled object is refused
+    before it can run code. Every failure (no network, missing file, unsafe or corrupt file) raises
+    UserError with the fix.
+    """
+    if path_or_url.startswith(('https://', 'http://')):
+        obj = _load_url(path_or_url, trust)
+    else:
+        path = os.path.expanduser(path_or_url)
+        if not os.path.isfile(path):
+            what = 'is a folder, not a file' if os.path.isdir(path) else 'does not exist'
+            raise UserError(f'checkpoint {path_or_url} {what}; check --resume / --finetune_from')
+        obj = _load_file(path, trust, shown=path_or_url)
+    if not isinstance(obj, dict):
+        raise UserError(f'{path_or_url} holds a {type(obj).__name__}, not a checkpoint dict')
+    return obj
+
+
+def _load_url(url: str, trust: bool) -> dict:
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.hub.load_state_dict_from_url(
+                url, map_location='cpu', check_hash=False, weights_only=not trust)
+    except (OSError, http.client.HTTPException) as e:
+        reason = getattr(e, 'reason', None) or e
+        raise UserError(f'could not download {url} ({reason}); download it elsewhere and pass the '
+                        f'local path with --resume PATH') from e
+    except Exception as e:
+        # The download worked; torch.hub loads the cached copy, so name that file in the message.
+        cached = os.path.join(torch.hub.get_dir(), 'checkpoints',
+                              os.path.basename(urllib.parse.urlparse(url).path))
+        raise _load_error(e, f'{cached} (downloaded from {url})', trust) from e
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def _load_file(path: str, trust: bool, shown: str):
+    try:
+        if trust:
+            return torch.load(path, map_location='cpu', weights_only=False)
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except OSError as e:
+        raise UserError(f'could not read checkpoint {shown} ({_os_reason(e)})') from e
+    except Exception as e:
+        raise _load_error(e, shown, trust) from e
+
+
+def _load_error(e: Exception, shown: str, trust: bool) -> UserError:
+    """Translate a torch.load failure into the UserError that says what to do."""
+    blocked = re.search(r'GLOBAL ([\w.]+)', str(e))
+    if isinstance(e, pickle.UnpicklingError) and blocked and not trust:
+        return UserError(
+            f'refusing to load {shown}: it contains pickled Python objects ({blocked.group(1)}) that could '
+            f'run code when loaded; if you trust this file, pass --trust_checkpoint')
+    # torch.save only writes pickle opcodes the weights_only unpickler supports, so any other
+    # unpickling failure (e.g. "Unsupported operand") means the bytes are not a sound checkpoint.
+    return UserError(f'could not load checkpoint {shown} ({type(e).__name__}: {_reason(e)}); it is '
+                     f'truncated, corrupt or not a PyTorch checkpoint: re-download or re-create it')
+
+
+# torch's weights_only errors wrap the actual reason in generic advice; these lines are the advice.
+_BOILERPLATE = ('Weights only load failed', 'Please file an issue', 'Check the documentation')
+
+
+def _reason(e: Exception) -> str:
+    """The informative part of a load error, one sentence (error messages stay one line)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(_BOILERPLATE)]
+    if not lines:
+        return 'unexpected end of file' if isinstance(e, EOFError) else 'no details'
+    return lines[0].split('. ')[0]
+
+
+def _os_reason(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        # Some network filesystems refuse fsync on a folder. The file itself is synced and already in
+        # place; only the rename's durability across a node crash is best effort there.
+        pass
+
+
+def config_to_dict(args: argparse.Namespace) -> dict:
+    """The flags of ``args`` as a JSON-able dict, stored as 'config' in checkpoints and in config.json.
+
+    Tuples become lists and paths strings; values JSON cannot hold (objects, devices) are left out,
+    which also keeps the dict loadable with ``weights_only=True``.
+    """
+    config = {}
+    for name, value in vars(args).items():
+        value = _jsonable(value)
+        if value is not _NOT_JSON:
+            config[name] = value
+    return config
+
+
+_NOT_JSON = object()
+
+
+def _jsonable(value):
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        items = [_jsonable(v) for v in value]
+        return _NOT_JSON if any(v is _NOT_JSON for v in items) else items
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        items = {k: _jsonable(v) for k, v in value.items()}
+        return _NOT_JSON if any(v is _NOT_JSON for v in items.values()) else items
+    return _NOT_JSON
+
+
+# ---------------------------------------------------------------------------------------------------
+# Making the flags agree with a checkpoint
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dest names of the options actually written on the command line ``argv``.
+
+    Handles ``--flag value``, ``--flag=value`` and flags without a value. ``argv`` is assumed to have
+    parsed already, so a separate token equal to an option string is that option (argparse refuses a
+    flag-like value unless it is glued on with '='). The parser is expected to have
+    ``allow_abbrev=False``, so exact option strings are all argparse accepts; with abbreviations
+    allowed, a unique prefix is matched the way argparse would.
+    """
+    dest_by_option = {option: action.dest for action in parser._actions for option in action.option_strings}
+    explicit = set()
+    for token in argv:
+        if token == '--':
+            break
+        option = token.partition('=')[0]
+        if option not in dest_by_option and parser.allow_abbrev and option.startswith('--'):
+            matches = [o for o in dest_by_option if o.startswith(option)]
+            option = matches[0] if len(matches) == 1 else option
+        if option in dest_by_option:
+            explicit.add(dest_by_option[option])
+    return explicit
+
+
+def reconcile_config(args: argparse.Namespace, explicit: set[str], stored: dict,
+                     ckpt_path: str | None = None, ignore: Iterable[str] = ()) -> list[str]:
+    """Make the architecture flags of ``args`` match the checkpoint's stored 'config'.
+
+    For each flag of ARCH_FLAGS in ``stored`` (minus ``ignore``) whose value differs from ``args``: a
+    flag the user did not pass (not in ``explicit``) takes the checkpoint's value; a flag the user passed
+    raises UserError. Returns one message per adopted flag, for the caller to print. ``ckpt_path``
+    names the checkpoint in errors (default: ``args.resume``). Call it before deriving defaults from
+    these flags (resolve_args), since stored configs hold resolved values.
+    """
+    source = ckpt_path if ckpt_path is not None else getattr(args, 'resume', '') or 'checkpoint'
+    messages = []
+    for flag in ARCH_FLAGS:
+        if flag in stored and flag not in ignore:
+            message = _adopt(args, explicit, flag, stored[flag], source)
+            if message:
+                messages.append(message)
+    return messages
+
+
+def infer_official_config(state_dict: Mapping[str, torch.Tensor], filename: str,
+                          args: argparse.Namespace, explicit: set[str],
+                          ignore: Iterable[str] = ()) -> list[str]:
+    """Make ``args`` match an official DETR checkpoint, which stores no 'config', from its weights.
+
+    Infers --backbone (ResNet depth from the number of layer3 blocks and whether they are bottlenecks),
+    --num_queries and --hidden_dim (query_embed), --enc_layers/--dec_layers (layer keys),
+    --dim_feedforward (linear1), --num_classes (class_embed rows - 1, the extra row is "no object"),
+    --pre_norm (DETR only has an encoder norm with pre-norm), --position_embedding (learned has
+    row/col embeddings) and --masks (segmentation heads). --nheads cannot be read from the weights and
+    is kept. Flags the user did not pass take the inferred value; passed and different -> UserError.
+    Pass e.g. ``ignore={'num_classes'}`` when fine-tuning to another label set.
+
+    A file name containing 'dc5' requires --dilation: DC5 weights evaluated without it run but lose
+    ~20 AP. Returns the messages to print, including the DC5 batch-size warning where it applies.
+    """
+    keys = {k.removeprefix('detr.'): v for k, v in state_dict.items()}
+    source = f'{filename}, inferred from its weights'
+    inferred = {}
+
+    layer3 = _indices(keys, 'backbone.0.body.layer3.')
+    if layer3:
+        bottleneck = 'backbone.0.body.layer3.0.conv3.weight' in keys
+        backbone = _RESNET_BY_LAYER3.get((len(layer3), bottleneck))
+        if backbone is None:
+            if 'backbone' not in explicit:
+                raise UserError(f'cannot tell the ResNet depth of {filename} (layer3 has {len(layer3)} '
+                                f'blocks); pass --backbone')
+        else:
+            inferred['backbone'] = backbone
+        inferred['position_embedding'] = 'learned' if 'backbone.1.row_embed.weight' in keys else 'sine'
+    if 'query_embed.weight' in keys:
+        inferred['num_queries'], inferred['hidden_dim'] = keys['query_embed.weight'].shape
+    if 'class_embed.weight' in keys:
+        inferred['num_classes'] = keys['class_embed.weight'].shape[0] - 1
+    if _indices(keys, 'transformer.decoder.layers.'):
+        inferred['enc_layers'] = len(_indices(keys, 'transformer.encoder.layers.'))
+        inferred['dec_layers'] = len(_indices(keys, 'transformer.decoder.layers.'))
+        inferred['pre_norm'] = 'transformer.encoder.norm.weight' in keys
+        if 'transformer.decoder.layers.0.linear1.weight' in keys:
+            inferred['dim_feedforward'] = keys['transformer.decoder.layers.0.linear1.weight'].shape[0]
+    inferred['masks'] = any(k.startswith('mask_head.') for k in keys)
+
+    messages = []
+    for flag, value in inferred.items():
+        if flag not in ignore:
+            message = _adopt(args, explicit, flag, value, source)
+            if message:
+                messages.append(f'{message} (inferred from its weights)')
+
+    if 'dc5' in os.path.basename(filename).lower() and not getattr(args, 'dilation', False):
+        raise UserError(f'{filename} looks like a DC5 checkpoint; add --dilation (evaluating DC5 weights '
+                        f'without it silently loses ~20 AP)')
+    return messages + dc5_batch_warning(args)
+
+
+def dc5_batch_warning(args: argparse.Namespace) -> list[str]:
+    """DETR's warning for evaluating a dilated (DC5) model with padded batches, as a 0/1-item list."""
+    if getattr(args, 'dilation', False) and getattr(args, 'eval', False) and args.batch_size > 1:
+        return ['warning: DC5 models lose several AP with more than one image per GPU (padding); '
+                'use --batch_size 1 for evaluation']
+    return []
+
+
+def _adopt(args: argparse.Namespace, explicit: set[str], flag: str, value, source: str) -> str | None:
+    """Set ``args.<flag> = value`` unless the user passed a different value (UserError)."""
+    current = getattr(args, flag, None)
+    if current == value:
+        return None
+    if flag in explicit:
+        fix = 'drop the flag' if value is False else f'drop the flag or pass {_flag_text(flag, value)}'
+        raise UserError(f'{_flag_text(flag, current)} conflicts with the checkpoint\'s {value!r} '
+                        f'({source}); {fix}')
+    setattr(args, flag, value)
+    return f'taking {_flag_text(flag, value)} from the checkpoint'
+
+
+def _flag_text(flag: str, value) -> str:
+    if value is True:
+        return f'--{flag}'
+    if value is False:
+        return f'no --{flag}'
+    return f'--{flag} {value}'
+
+
+def _indices(keys: Iterable[str], prefix: str) -> set[int]:
+    """The distinct integer path components right after ``prefix`` ('a.layers.3.w' -> {3})."""
+    found = set()
+    for key in keys:
+        if key.startswith(prefix):
+            head = key[len(prefix):].split('.', 1)[0]
+            if head.isdigit():
+                found.add(int(head))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading weights into a model
+
+
+def load_model_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                       strict: bool = True) -> list[str]:
+    """``model.load_state_dict`` with a short, actionable error instead of PyTorch's key dump.
+
+    Any shape mismatch, and with ``strict`` any missing or unexpected key, raises UserError with the
+    counts, the first few keys of each kind and the flags that likely differ. A checkpoint saved from a
+    DistributedDataParallel wrapper ('module.' prefix) is accepted. Returns the notes on missing /
+    unexpected keys that ``strict=False`` tolerated (empty when everything matched).
+    """
+    state_dict = _strip_ddp_prefix(model, state_dict)
+    missing, unexpected, mismatched = _compare(model, state_dict)
+    if mismatched or (strict and (missing or unexpected)):
+        parts = [f'{len(missing)} missing', f'{len(unexpected)} unexpected',
+                 f'{len(mismatched)} with another shape']
+        details = []
+        if missing:
+            details.append(f'missing: {_few(missing)}')
+        if unexpected:
+            details.append(f'unexpected: {_few(unexpected)}')
+        if mismatched:
+            details.append('shapes (checkpoint vs model): ' + _few(
+                [f'{k} {tuple(state_dict[k].shape)} vs {tuple(shape)}' for k, shape in mismatched]))
+        raise UserError(f'the checkpoint does not fit the model ({", ".join(parts)}); '
+                        f'{"; ".join(details)}; likely fix: {_likely_fix(missing, unexpected, mismatched)}')
+    model.load_state_dict(state_dict, strict=strict)
+    return _key_notes(missing, unexpected)
+
+
+def finetune_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Initialise ``model`` from every checkpoint tensor whose name and shape fit; keep the rest fresh.
+
+    Meant for --finetune_from: e.g. a COCO class_embed (92 rows) does not fit a model with another
+    --num_classes, so that head keeps the model's fresh initialisation. Returns messages listing the
+    re-initialised (shape mismatch), missing and unused keys.
+    """
+    state_dict = _strip_ddp_prefix(model, state_dict)
+    missing, unexpected, mismatched = _compare(model, state_dict)
+    skipped = {k for k, _ in mismatched}
+    model.load_state_dict({k: v for k, v in state_dict.items() if k not in skipped}, strict=False)
+    messages = [f'kept fresh initialisation for {k}: checkpoint {tuple(state_dict[k].shape)} vs model '
+                f'{tuple(shape)}' for k, shape in mismatched]
+    return messages + _key_notes(missing, unexpected)
+
+
+def _strip_ddp_prefix(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict:
+    own = model.state_dict()
+    if state_dict and all(k.startswith('module.') for k in state_dict) and not any(
+            k.startswith('module.') for k in own):
+        return {k.removeprefix('module.'): v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def _compare(model: nn.Module, state_dict: Mapping[str, torch.Tensor]):
+    """(missing keys, unexpected keys, [(key, model shape)] with another shape), in model order."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [(k, v.shape) for k, v in own.items()
+                  if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    return missing, unexpected, mismatched
+
+
+def _few(items: list[str]) -> str:
+    shown = ', '.join(items[:_SHOWN_KEYS])
+    return shown if len(items) <= _SHOWN_KEYS else f'{shown}, ... ({len(items) - _SHOWN_KEYS} more)'
+
+
+def _key_notes(missing: list[str], unexpected: list[str]) -> list[str]:
+    notes = []
+    if missing:
+        notes.append(f'{len(missing)} model keys not in the checkpoint, left at fresh initialisation: '
+                     f'{_few(missing)}')
+    if unexpected:
+        notes.append(f'{len(unexpected)} checkpoint keys not used by the model: {_few(unexpected)}')
+    return notes
+
+
+# Key fragment -> the flag that most likely explains a mismatch on it.
+_FIX_BY_KEY = (
+    ('class_embed', '--num_classes (or --finetune_from to re-initialise the class head)'),
+    ('query_embed', '--num_queries'),
+    ('backbone.0.body.layer', '--backbone'),
+    ('row_embed', '--position_embedding'),
+    ('col_embed', '--position_embedding'),
+    ('transformer.encoder.layers', '--enc_layers'),
+    ('transformer.decoder.layers', '--dec_layers'),
+    ('transformer.encoder.norm', '--pre_norm'),
+    ('linear1', '--dim_feedforward'),
+    ('mask_head', '--masks'),
+    ('bbox_attention', '--masks'),
+    ('input_proj', '--hidden_dim'),
+)
+
+
+def _likely_fix(missing: list[str], unexpected: list[str], mismatched: list) -> str:
+    keys = missing + unexpected + [k for k, _ in mismatched]
+    fixes = []
+    for fragment, fix in _FIX_BY_KEY:
+        if fix not in fixes and any(fragment in k for k in keys):
+            fixes.append(fix)
+    if not fixes:
+        fixes.append('the SMCA flags (--dynamic_scale, --head_mixture, --query_mixture) or --hidden_dim')
+    return 'check ' + ', '.join(fixes) + ' against the run that wrote the checkpoint'
+
+
+# ---------------------------------------------------------------------------------------------------
+# Random generators
+
+
+def rng_state() -> dict:
+    """The state of Python's, NumPy's global, torch's CPU and (if available) every CUDA generator.
+
+    Only plain data and tensors, so it survives ``load_checkpoint`` with ``weights_only=True``: NumPy's
+    key array becomes a list of ints. Per process: under DDP each rank has its own generators.
+    """
+    version, internal, gauss_next = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        'python': {'version': version, 'state': list(internal), 'gauss_next': gauss_next},
+        'numpy': {'name': np_name, 'keys': np_keys.tolist(), 'pos': int(np_pos),
+                  'has_gauss': int(np_has_gauss), 'cached_gaussian': float(np_gauss)},
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore generators saved by ``rng_state``. CUDA states are restored for the devices present
+    in both the saved state and this machine (a resume may see another GPU count)."""
+    python = state['python']
+    random.setstate((python['version'], tuple(python['state']), python['gauss_next']))
+    numpy = state['numpy']
+    np.random.set_state((numpy['name'], np.array(numpy['keys'], dtype=np.uint32), numpy['pos'],
+                         numpy['has_gauss'], numpy['cached_gaussian']))
+    torch.set_rng_state(state['torch'].cpu())
+    if 'cuda' in state and torch.cuda.is_available():
+        for device, cuda_state in enumerate(state['cuda'][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), device)
