@@ -1,5 +1,6 @@
 """Train one epoch and evaluate with pycocotools; explicit parameters, no argparse namespace."""
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -72,10 +73,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         total = min(total, max_iters)
     result = TrainResult(stats={}, step=step)
     weight_dict = criterion.weight_dict
-    iterator = metric_logger.log_every(data_loader, log_every, f"Epoch: [{epoch}]", total=total - start_iter)
+    batches = itertools.islice(data_loader, total - start_iter)
+    iterator = metric_logger.log_every(batches, log_every, f"Epoch: [{epoch}]", total=total, start=start_iter)
     for i, (samples, targets) in enumerate(iterator, start=start_iter):
-        if i >= total:
-            break
         samples = samples.to(device)
         targets = _targets_to(targets, device)
         with _autocast(device, amp):

@@ -18,7 +18,7 @@ from util import checkpoint as ckpt
 from util import dist
 from util.errors import UserError
 from util.misc import collate_fn, seed_everything
-from util.preemption import PreemptionHandler, exit_for_requeue
+from util.preemption import PREEMPTION_SIGNALS, PreemptionHandler, exit_for_requeue
 from util.tb import RunLogger
 
 DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
@@ -142,6 +142,9 @@ def check_args(args) -> None:
         raise UserError(f"--num_classes must be positive, got {args.num_classes}")
     if args.masks or args.frozen_weights:
         raise UserError("--masks / --frozen_weights (DETR's panoptic segmentation) are not supported by this fork")
+    if args.dilation and args.backbone in ("resnet18", "resnet34"):
+        raise UserError(f"--dilation needs a bottleneck ResNet (resnet50 or resnet101); torchvision's "
+                        f"{args.backbone} blocks do not support dilation")
     if args.amp and not args.device.startswith("cuda"):
         raise UserError(f"--amp uses bf16 autocast on CUDA; --device is {args.device}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -319,7 +322,8 @@ def main(args, explicit=frozenset()):
             json.dump(config, f, indent=1, sort_keys=True)
     logger = RunLogger(args.output_dir, enabled=is_main, purge_step=tb_step if checkpoint is not None else None)
     logger.log_hparams(config, {})
-    preemption = PreemptionHandler()
+    # under submitit, its own handler checkpoints and requeues (via slurm/submit.py's checkpoint())
+    preemption = PreemptionHandler(signals=() if os.environ.get("SUBMITIT_EXECUTOR") else PREEMPTION_SIGNALS)
     try:
         return _train(args, config, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
                       dataset_val, base_ds, sampler_train, loader_train, loader_val, logger, preemption, output_dir,
@@ -393,6 +397,15 @@ def _train(args, config, model, model_without_ddp, criterion, postprocessors, op
     return test_stats
 
 
+def _one_line(message: str) -> str:
+    """A UserError raised in a DataLoader worker comes back wrapped with the worker's traceback; keep the
+    original message (the last line, without the exception's type name)."""
+    if "DataLoader worker" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.split("UserError: ", 1)[-1]
+
+
 def cli(argv=None) -> int:
     parser = argparse.ArgumentParser("DETR / SMCA ablations", parents=[get_args_parser()], allow_abbrev=False)
     argv = sys.argv[1:] if argv is None else argv
@@ -404,7 +417,7 @@ def cli(argv=None) -> int:
     try:
         main(args, ckpt.explicit_flags(parser, argv))
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     finally:
         dist.cleanup()

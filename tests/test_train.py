@@ -181,3 +181,31 @@ def test_nonfinite_loss_stops_with_message_and_keeps_checkpoint(tmp_path, synthe
     assert main.cli([*common, "--epochs", "2", "--resume", "auto", "--skip_nonfinite", "5"]) == 0
     last = json.loads((out / "log.txt").read_text().splitlines()[-1])
     assert last["epoch"] == 1 and last["nonfinite_skipped"] == 2
+
+
+def test_event_files_hold_what_the_engine_logged(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out, _ = trained_run
+    acc = EventAccumulator(str(out), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train_by_images/loss", "train/lr_group0", "train/lr_group1", "train/grad_norm",
+            "coco/AP", "coco/AP50", "coco/ARl", "epoch/time", "epoch/train_loss",
+            "smca/layer0/scale_mean", "smca/layer1/offset_norm"} <= tags
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    ap = [e.value for e in acc.Scalars("coco/AP")]
+    assert [e.step for e in acc.Scalars("coco/AP")] == [1, 2]
+    assert ap == pytest.approx([line["test_coco_eval_bbox"][0] for line in log], abs=1e-6)
+    train_loss = [e.value for e in acc.Scalars("epoch/train_loss")]
+    assert train_loss == pytest.approx([line["train_loss"] for line in log], rel=1e-5)
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 4  # 2 epochs x 2 iterations
+    images = [e.step for e in acc.Scalars("train_by_images/loss")]
+    assert images == [2 * s for s in steps]  # batch 2, one process
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    start = acc.summary_metadata["_hparams_/session_start_info"].plugin_data  # in the run folder itself
+    assert start.plugin_name == "hparams"
+    values = plugin_data_pb2.HParamsPluginData.FromString(start.content).session_start_info.hparams
+    assert values["dynamic_scale"].string_value == "type2" and values["cls_loss"].string_value == "focal"
+    assert values["num_queries"].number_value == 10 and values["query_mixture"].bool_value is True
+    assert not [p for p in out.iterdir() if p.is_dir() and p.name != "eval"]  # no stray timestamped sub-run

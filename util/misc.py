@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from util.dist import get_world_size, is_dist_avail_and_initialized
+from util.dist import is_dist_avail_and_initialized
 
 
 class NestedTensor:
@@ -123,17 +123,19 @@ class MetricLogger:
         for meter in self.meters.values():
             meter.synchronize_between_processes()
 
-    def log_every(self, iterable: Iterable, print_freq: int, header: str = "", total: Optional[int] = None):
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = "", total: Optional[int] = None,
+                  start: int = 0):
         """Yield from ``iterable``; every ``print_freq`` items (and at the end) print progress and ETA.
+        Items are counted from ``start`` (a resumed epoch) up to ``total``.
 
         Also exposes ``self.data_time`` / ``self.iter_time`` of the last item for the caller's logging.
         """
-        total = len(iterable) if total is None else total
+        total = start + len(iterable) if total is None else total
         width = len(str(total))
-        start = end = time.time()
+        began = end = time.time()
         iter_time = SmoothedValue(fmt="{avg:.4f}")
         data_time = SmoothedValue(fmt="{avg:.4f}")
-        for i, obj in enumerate(iterable):
+        for i, obj in enumerate(iterable, start):
             self.data_time = time.time() - end
             data_time.update(self.data_time)
             yield obj
@@ -144,9 +146,6 @@ class MetricLogger:
                 print(f"{header} [{i:{width}d}/{total}]  eta: {eta}  {self}  "
                       f"time: {iter_time}  data: {data_time}", flush=True)
             end = time.time()
-        elapsed = datetime.timedelta(seconds=int(time.time() - start))
-        print(f"{header} Total time: {elapsed} ({(time.time() - start) / max(total, 1):.4f} s / it)", flush=True)
+        elapsed = datetime.timedelta(seconds=int(time.time() - began))
+        print(f"{header} Total time: {elapsed} ({iter_time.global_avg:.4f} s / it)", flush=True)
 
-
-def world_batch_size(batch_size: int) -> int:
-    return batch_size * get_world_size()
