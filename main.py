@@ -79,7 +79,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eos_coef", default=0.1, type=float, help="no-object class weight (ce)")
 
     # data
-    parser.add_argument("--dataset_file", default="synthetic", choices=("coco", "synthetic"))
+    parser.add_argument("--dataset_file", default=None, choices=("coco", "synthetic"),
+                        help="default: coco when --coco_path is given (DETR's commands), else the embedded synthetic set")
     parser.add_argument("--coco_path", type=str, default=None)
     parser.add_argument("--num_classes", type=int, default=None,
                         help="largest category id + 1 (default: 91 for COCO, derived for synthetic)")
@@ -116,6 +117,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Parse-time validation of values and combinations; raises UserError with one clear message."""
+    if args.dataset_file is None:
+        args.dataset_file = "coco" if args.coco_path else "synthetic"
     positive = ("batch_size", "epochs", "lr_drop", "enc_layers", "dec_layers", "hidden_dim", "nheads",
                 "num_queries", "dim_feedforward", "log_every", "save_every", "eval_every")
     for name in positive:
