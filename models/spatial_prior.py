@@ -47,8 +47,10 @@ class FixedScale(nn.Module):
 
 
 class _LearnedScale(nn.Module):
-    """Scales ``Linear(d -> k * nhead)(u) ** 2``, ``k`` per head; weight 0 and bias 1 at start, so every scale
-    is 1 and the variant equals type1 exactly at initialisation."""
+    """Scales ``Linear(d -> k * nhead)(u) ** 2``, ``k`` per head, laid out per head: view(B, Q, nhead, k).
+    Weight 0 and bias 1 at start (the spec's rule), so every scale is 1: type2 and type3 then equal type1
+    exactly. type4's coupling scale c is 1 too, so it starts at type1 + dx^2 dy^2; a zero start would freeze
+    c for good (the gradient of a square at 0 is 0)."""
 
     num_scales: int
 

@@ -1,0 +1,64 @@
+"""Shared test setup: the repo root on sys.path (imports are top-level packages) and tiny model configurations."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def pytest_configure(config):
+    # tests/test_slurm.py marks its module; registered here so `-m "not slurm"` works without a warning
+    config.addinivalue_line("markers", "slurm: needs a local Slurm cluster (tests/slurm_cluster.py)")
+
+
+# a model small enough for CPU tests: every size differs from the others so a swapped dimension shows up
+TINY_FLAGS = {
+    "backbone": "resnet18",
+    "backbone_weights": "none",
+    "hidden_dim": 32,
+    "nheads": 4,
+    "enc_layers": 1,
+    "dec_layers": 2,
+    "dim_feedforward": 48,
+    "num_queries": 6,
+    "num_classes": 9,
+    "device": "cpu",
+}
+
+
+def make_args(**overrides):
+    """Resolved args (main.resolve_args) for the tiny model; ``True`` turns on a store_true flag, ``False`` leaves
+    it off, other values are passed as ``--name value``."""
+    import main
+
+    flags = {**TINY_FLAGS, **overrides}
+    argv = []
+    for name, value in flags.items():
+        if value is True:
+            argv.append(f"--{name}")
+        elif value is not False and value is not None:
+            argv += [f"--{name}", str(value)]
+    args = main.get_args_parser().parse_args(argv)
+    main.resolve_args(args)
+    return args
+
+
+@pytest.fixture
+def tiny_args():
+    """Factory: ``tiny_args(dynamic_scale="type2", query_mixture=True)`` -> resolved args namespace."""
+    return make_args
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny-tensor tests: on a small shared CPU, OpenMP threads that wait for
+    each other cost far more than they save (several times slower under load). Restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

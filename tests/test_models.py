@@ -1,0 +1,409 @@
+"""The assembled model: DETR's checkpoint layout, output shapes, batching and padding invariances, gradients for
+every ablation combination, and the flag resolution that chooses the classification loss."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import main
+from models import build_model
+from util.errors import UserError
+from util.misc import NestedTensor, nested_tensor_from_tensor_list
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+RESNET_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
+DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
+
+
+# --- DETR's official checkpoint layout, written out from the architecture -------------------------------------
+
+def detr_checkpoint_shapes(depths, num_classes=91, num_queries=100, d_model=256, dim_feedforward=2048,
+                           enc_layers=6, dec_layers=6):
+    """{key: shape} of an official DETR (post-norm, ResNet bottleneck) checkpoint's 'model' state dict."""
+    shapes = {}
+
+    def frozen_bn(prefix, channels):  # FrozenBatchNorm2d: four buffers, no num_batches_tracked
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{prefix}.{name}"] = (channels,)
+
+    def linear(prefix, out_features, in_features):
+        shapes[f"{prefix}.weight"] = (out_features, in_features)
+        shapes[f"{prefix}.bias"] = (out_features,)
+
+    def layer_norm(prefix):
+        shapes[f"{prefix}.weight"] = (d_model,)
+        shapes[f"{prefix}.bias"] = (d_model,)
+
+    def attention(prefix):
+        shapes[f"{prefix}.in_proj_weight"] = (3 * d_model, d_model)
+        shapes[f"{prefix}.in_proj_bias"] = (3 * d_model,)
+        linear(f"{prefix}.out_proj", d_model, d_model)
+
+    body = "backbone.0.body"
+    shapes[f"{body}.conv1.weight"] = (64, 3, 7, 7)
+    frozen_bn(f"{body}.bn1", 64)
+    in_channels = 64
+    for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), depths), start=1):
+        for block in range(blocks):
+            p = f"{body}.layer{stage}.{block}"
+            shapes[f"{p}.conv1.weight"] = (planes, in_channels, 1, 1)
+            frozen_bn(f"{p}.bn1", planes)
+            shapes[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+            frozen_bn(f"{p}.bn2", planes)
+            shapes[f"{p}.conv3.weight"] = (4 * planes, planes, 1, 1)
+            frozen_bn(f"{p}.bn3", 4 * planes)
+            if block == 0:
+                shapes[f"{p}.downsample.0.weight"] = (4 * planes, in_channels, 1, 1)
+                frozen_bn(f"{p}.downsample.1", 4 * planes)
+            in_channels = 4 * planes
+
+    for i in range(enc_layers):
+        p = f"transformer.encoder.layers.{i}"
+        attention(f"{p}.self_attn")
+        linear(f"{p}.linear1", dim_feedforward, d_model)
+        linear(f"{p}.linear2", d_model, dim_feedforward)
+        layer_norm(f"{p}.norm1")
+        layer_norm(f"{p}.norm2")
+    for i in range(dec_layers):
+        p = f"transformer.decoder.layers.{i}"
+        attention(f"{p}.self_attn")
+        attention(f"{p}.multihead_attn")
+        linear(f"{p}.linear1", dim_feedforward, d_model)
+        linear(f"{p}.linear2", d_model, dim_feedforward)
+        for n in (1, 2, 3):
+            layer_norm(f"{p}.norm{n}")
+    layer_norm("transformer.decoder.norm")
+
+    linear("class_embed", num_classes + 1, d_model)
+    linear("bbox_embed.layers.0", d_model, d_model)
+    linear("bbox_embed.layers.1", d_model, d_model)
+    linear("bbox_embed.layers.2", 4, d_model)
+    shapes["query_embed.weight"] = (num_queries, d_model)
+    shapes["input_proj.weight"] = (d_model, in_channels, 1, 1)
+    shapes["input_proj.bias"] = (d_model,)
+    return shapes
+
+
+def build_default(*flags):
+    """A model with DETR's default flags (no dataset lookup, no download)."""
+    args = main.get_args_parser().parse_args(
+        ["--num_classes", "91", "--backbone_weights", "none", "--device", "cpu", *flags])
+    main.resolve_args(args)
+    return build_model(args)[0]
+
+
+def assert_checkpoint_layout(model, expected):
+    state = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    assert not missing and not unexpected, f"missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} " \
+                                           f"({len(unexpected)})"
+    wrong = {k: (tuple(state[k].shape), expected[k]) for k in expected if tuple(state[k].shape) != expected[k]}
+    assert not wrong, f"shape (got, expected): {wrong}"
+
+
+@pytest.fixture(scope="module")
+def default_r50():
+    torch.manual_seed(0)
+    return build_default()
+
+
+def test_table_sanity():
+    """The hand-written table itself: DETR-R50 has 41.3M parameters plus BN buffers (4 per BN channel)."""
+    shapes = detr_checkpoint_shapes(RESNET_DEPTHS["resnet50"])
+    assert not any(k.endswith("num_batches_tracked") or k.startswith("backbone.0.body.fc") for k in shapes)
+    assert not any(k.startswith("transformer.encoder.norm") for k in shapes)
+    assert shapes["class_embed.weight"] == (92, 256)
+    assert shapes["input_proj.weight"] == (256, 2048, 1, 1)
+    assert shapes["transformer.encoder.layers.0.self_attn.in_proj_weight"] == (768, 256)
+    assert shapes["transformer.decoder.layers.5.linear1.weight"] == (2048, 256)
+    assert shapes["backbone.0.body.layer4.0.downsample.0.weight"] == (2048, 1024, 1, 1)
+    assert len([k for k in shapes if ".layer3." in k and k.endswith("conv1.weight")]) == 6
+    assert len([k for k in detr_checkpoint_shapes(RESNET_DEPTHS["resnet101"])
+                if ".layer3." in k and k.endswith("conv1.weight")]) == 23
+
+
+def test_r50_default_flags_have_detr_checkpoint_layout(default_r50):
+    assert_checkpoint_layout(default_r50, detr_checkpoint_shapes(RESNET_DEPTHS["resnet50"]))
+
+
+def test_r101_has_detr_checkpoint_layout():
+    assert_checkpoint_layout(build_default("--backbone", "resnet101"),
+                             detr_checkpoint_shapes(RESNET_DEPTHS["resnet101"]))
+
+
+def test_dilation_keeps_the_checkpoint_layout():
+    model = build_default("--dilation")
+    assert model.backbone.stride == 16
+    assert_checkpoint_layout(model, detr_checkpoint_shapes(RESNET_DEPTHS["resnet50"]))
+
+
+def test_strict_load_of_a_checkpoint_made_from_the_table(default_r50):
+    torch.manual_seed(1)
+    checkpoint = {k: torch.randn(shape) for k, shape in detr_checkpoint_shapes(RESNET_DEPTHS["resnet50"]).items()}
+    result = default_r50.load_state_dict(checkpoint, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    state = default_r50.state_dict()
+    for key in ("class_embed.weight", "backbone.0.body.layer2.1.bn2.running_var",
+                "transformer.decoder.layers.3.multihead_attn.in_proj_weight", "query_embed.weight"):
+        assert torch.equal(state[key], checkpoint[key]), key
+
+
+# --- forward pass --------------------------------------------------------------------------------------------
+
+def images(*sizes, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, h, w, generator=generator) for h, w in sizes]
+
+
+@pytest.mark.parametrize("dynamic_scale", ["none", "type2"])
+@pytest.mark.parametrize("aux", [True, False])
+def test_output_shapes_for_images_of_different_sizes(tiny_args, dynamic_scale, aux):
+    args = tiny_args(dynamic_scale=dynamic_scale, no_aux_loss=not aux)
+    torch.manual_seed(0)
+    model = build_model(args)[0].eval()
+    batch = images((64, 96), (96, 64), (40, 72))
+    with torch.no_grad():
+        out = model(batch)  # a list of images, no targets
+        out_nested = model(nested_tensor_from_tensor_list(batch))
+    q, c = args.num_queries, args.num_classes + 1
+    assert out["pred_logits"].shape == (3, q, c)
+    assert out["pred_boxes"].shape == (3, q, 4)
+    assert ((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1)).all()
+    assert torch.equal(out["pred_logits"], out_nested["pred_logits"])
+    assert torch.equal(out["pred_boxes"], out_nested["pred_boxes"])
+    if aux:
+        assert len(out["aux_outputs"]) == args.dec_layers - 1
+        for layer in out["aux_outputs"]:
+            assert set(layer) == {"pred_logits", "pred_boxes"}
+            assert layer["pred_logits"].shape == (3, q, c)
+            assert layer["pred_boxes"].shape == (3, q, 4)
+    else:
+        assert set(out) == {"pred_logits", "pred_boxes"}
+
+
+@pytest.mark.parametrize("flags", [{}, {"dynamic_scale": "type2", "query_mixture": True}], ids=["none", "type2-qmix"])
+def test_batched_equals_single(tiny_args, flags):
+    torch.manual_seed(0)
+    model = build_model(tiny_args(**flags))[0].eval()
+    batch = images((64, 96), (64, 96), (64, 96))
+    with torch.no_grad():
+        together = model(batch)
+        for i, image in enumerate(batch):
+            alone = model([image])
+            torch.testing.assert_close(together["pred_logits"][i], alone["pred_logits"][0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(together["pred_boxes"][i], alone["pred_boxes"][0], rtol=0, atol=1e-5)
+            for t, a in zip(together["aux_outputs"], alone["aux_outputs"]):
+                torch.testing.assert_close(t["pred_boxes"][i], a["pred_boxes"][0], rtol=0, atol=1e-5)
+
+
+# --- padding -------------------------------------------------------------------------------------------------
+
+def expected_feature_padding(sizes, canvas, stride):
+    """(B, Hf*Wf) True on padded feature cells, for images padded at the bottom/right (sizes multiples of stride)."""
+    height, width = canvas[0] // stride, canvas[1] // stride
+    rows = torch.arange(height)[:, None]
+    cols = torch.arange(width)[None, :]
+    return torch.stack([((rows >= h // stride) | (cols >= w // stride)).flatten() for h, w in sizes])
+
+
+@pytest.mark.parametrize("dynamic_scale", ["none", "type3"])
+def test_padding_mask_reaches_encoder_and_co_attention(tiny_args, dynamic_scale):
+    args = tiny_args(dynamic_scale=dynamic_scale, enc_layers=2)
+    torch.manual_seed(0)
+    model = build_model(args)[0].eval()
+    sizes = [(64, 64), (128, 96), (96, 32)]
+    padding = expected_feature_padding(sizes, (128, 96), model.backbone.stride)
+    assert padding.any() and not padding.all(dim=1).any()
+
+    encoder_calls, decoder_calls = [], []
+    handles = [layer.self_attn.register_forward_hook(
+        lambda m, a, kw, out: encoder_calls.append((m, a, kw)), with_kwargs=True)
+        for layer in model.transformer.encoder.layers]
+    handles += [layer.multihead_attn.register_forward_hook(
+        lambda m, a, kw, out: decoder_calls.append((m, a, kw)), with_kwargs=True)
+        for layer in model.transformer.decoder.layers]
+    with torch.no_grad():
+        model(images(*sizes))
+    for handle in handles:
+        handle.remove()
+    assert len(encoder_calls) == args.enc_layers and len(decoder_calls) == args.dec_layers
+
+    with torch.no_grad():
+        for module, (q, k), kwargs in encoder_calls:
+            assert torch.equal(kwargs["key_padding_mask"], padding)
+            _, weights = module(q, k, kwargs["value"], key_padding_mask=padding, need_weights=True,
+                                average_attn_weights=False)  # (B, nhead, HW, HW)
+            assert (weights.transpose(1, 3)[padding] == 0).all()  # (B, HW keys, HW, nhead) indexed by padded keys
+            assert (weights.transpose(1, 3)[~padding] > 0).all()
+        for module, (query, key, _), kwargs in decoder_calls:
+            assert torch.equal(kwargs["key_padding_mask"], padding)
+            assert (kwargs["attn_bias"] is None) == (dynamic_scale == "none")
+            weights = module.attention_weights(query, key, padding, kwargs["attn_bias"])  # (B, nhead, Q, HW)
+            assert (weights.permute(0, 3, 1, 2)[padding] == 0).all()
+            assert (weights.permute(0, 3, 1, 2)[~padding] > 0).all()
+            torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+
+
+def test_backbone_stem_is_padding_invariant_but_its_receptive_fields_are_not(tiny_args):
+    """DETR's own limit: zero-padding the image is exact for the first convolution over the unpadded pixels, but
+    cells just outside the image then hold activations of border pixels where a lone image has the convolution's
+    zero padding, so deeper features near the border (here: every cell of a 2x3 map) change with the canvas."""
+    torch.manual_seed(0)
+    body = build_model(tiny_args())[0].backbone[0].body
+    image = images((64, 96))[0]
+    canvas = torch.zeros(1, 3, 160, 192)
+    canvas[0, :, :64, :96] = image
+    with torch.no_grad():
+        alone, padded = body.conv1(image[None]), body.conv1(canvas)
+        assert torch.equal(padded[..., :32, :48], alone)
+        alone, padded = body(image[None]), body(canvas)
+    assert alone.shape[-2:] == (2, 3)
+    assert not torch.allclose(padded[..., :2, :3], alone, atol=1e-2)
+
+
+@pytest.mark.parametrize("dynamic_scale", ["none", "type4"])
+def test_more_padding_does_not_change_what_follows_the_backbone(tiny_args, dynamic_scale):
+    """Given the same backbone features on the unpadded cells (and garbage on the padded ones), outputs do not depend
+    on the canvas size: the sine encoding is normalised over the unpadded cells, padded keys get zero attention in
+    the encoder and the co-attention, and the SMCA extent comes from the mask. (The trunk itself is not padding
+    invariant, see the test above; that is DETR's behaviour.)"""
+    torch.manual_seed(0)
+    model = build_model(tiny_args(dynamic_scale=dynamic_scale))[0].eval()
+    image = images((64, 96))[0]
+    stride = model.backbone.stride
+    with torch.no_grad():
+        features = model.backbone[0](NestedTensor(image[None], torch.zeros(1, 64, 96, dtype=torch.bool))).tensors
+    assert features.shape[-2:] == (64 // stride, 96 // stride)
+
+    def same_features_on_the_unpadded_cells(module, inputs, output):
+        tensors, mask = output.decompose()
+        tensors = torch.randn_like(tensors) * 10  # padded cells: garbage that must not matter
+        tensors[0, :, :features.shape[-2], :features.shape[-1]] = features[0]
+        return NestedTensor(tensors, mask)
+
+    with torch.no_grad():
+        alone = model([image])
+        handle = model.backbone[0].register_forward_hook(same_features_on_the_unpadded_cells)
+        try:
+            tensors = torch.zeros(1, 3, 160, 192)
+            tensors[0, :, :64, :96] = image
+            mask = torch.ones(1, 160, 192, dtype=torch.bool)
+            mask[0, :64, :96] = False
+            on_canvas = model(NestedTensor(tensors, mask))
+            beside_bigger = model([image, images((128, 160), seed=5)[0]])
+        finally:
+            handle.remove()
+    for other in (on_canvas, beside_bigger):
+        torch.testing.assert_close(other["pred_logits"][0], alone["pred_logits"][0], rtol=0, atol=1e-4)
+        torch.testing.assert_close(other["pred_boxes"][0], alone["pred_boxes"][0], rtol=0, atol=1e-4)
+        torch.testing.assert_close(other["aux_outputs"][0]["pred_boxes"][0], alone["aux_outputs"][0]["pred_boxes"][0],
+                                   rtol=0, atol=1e-4)
+
+
+# --- gradients -----------------------------------------------------------------------------------------------
+
+def variant_flags():
+    yield {"dynamic_scale": "none", "cls_loss": "ce"}
+    yield {"dynamic_scale": "none", "cls_loss": "focal"}
+    for scale, head, query, loss in itertools.product(DYNAMIC_SCALES[1:], (False, True), (False, True),
+                                                      ("ce", "focal")):
+        yield {"dynamic_scale": scale, "head_mixture": head, "query_mixture": query, "cls_loss": loss}
+
+
+def variant_id(flags):
+    mixtures = [name for name in ("head_mixture", "query_mixture") if flags.get(name)]
+    return "-".join([flags["dynamic_scale"], *mixtures, flags["cls_loss"]])
+
+
+TARGETS = [{"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.4, 0.5]])},
+           {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.6, 0.4]])}]
+
+
+# DETR's decoder input starts at zero and in_proj_bias / out_proj.bias start at zero, so at initialisation layer 0's
+# self-attention sees zero values and its norm1 a zero input: these weights get an exactly-zero (not None) gradient
+# until the biases move.
+ZERO_INPUT_AT_INIT = {"transformer.decoder.layers.0.self_attn.in_proj_weight",
+                      "transformer.decoder.layers.0.self_attn.out_proj.weight",
+                      "transformer.decoder.layers.0.norm1.weight"}
+
+
+@pytest.mark.parametrize("flags", list(variant_flags()), ids=variant_id)
+def test_every_trainable_parameter_gets_a_finite_gradient(tiny_args, flags):
+    args = tiny_args(**flags)
+    assert not args.no_aux_loss
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(args)
+    model.train()
+    losses = criterion(model(images((64, 96), (96, 64))), TARGETS)
+    loss = sum(losses[k] * w for k, w in criterion.weight_dict.items())
+    loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("backbone.0.body.layer4") for n in trainable)
+    assert any(".priors." in n for n in trainable) == (flags["dynamic_scale"] != "none")
+    assert any(".scale.proj." in n for n in trainable) == (flags["dynamic_scale"] in ("type2", "type3", "type4"))
+    no_grad = [n for n, p in trainable.items() if p.grad is None]
+    assert not no_grad, f"parameters without a gradient: {no_grad}"
+    not_finite = [n for n, p in trainable.items() if not torch.isfinite(p.grad).all()]
+    assert not not_finite, f"non-finite gradients: {not_finite}"
+    all_zero = [n for n, p in trainable.items() if not p.grad.any() and n not in ZERO_INPUT_AT_INIT]
+    assert not all_zero, f"identically zero gradients (a detached path?): {all_zero}"
+
+
+# --- classification loss choice and flag checks ---------------------------------------------------------------
+
+def test_focal_classifier_bias_starts_at_one_percent(tiny_args):
+    args = tiny_args(dynamic_scale="type1")
+    bias = build_model(args)[0].class_embed.bias
+    assert bias.shape == (args.num_classes + 1,)
+    torch.testing.assert_close(bias, torch.full_like(bias, -math.log(99.0)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(bias.sigmoid(), torch.full_like(bias, 0.01), rtol=0, atol=1e-8)
+
+
+def test_ce_classifier_bias_keeps_pytorch_default(tiny_args):
+    args = tiny_args()
+    model = build_model(args)[0]
+    bias = model.class_embed.bias
+    bound = 1 / math.sqrt(args.hidden_dim)  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert (bias.abs() <= bound).all()
+    assert len(set(bias.tolist())) == bias.numel()  # not a constant initialisation
+
+
+@pytest.mark.parametrize("flags, cls_loss, coefs", [
+    ({}, "ce", (1.0, 1.0)),
+    ({"dynamic_scale": "type1"}, "focal", (2.0, 2.0)),
+    ({"dynamic_scale": "type4", "head_mixture": True}, "focal", (2.0, 2.0)),
+    ({"dynamic_scale": "type2", "cls_loss": "ce"}, "ce", (1.0, 1.0)),
+    ({"cls_loss": "focal"}, "focal", (2.0, 2.0)),
+    ({"dynamic_scale": "type2", "cls_loss_coef": 3.0}, "focal", (3.0, 2.0)),
+    ({"set_cost_class": 0.5}, "ce", (1.0, 0.5)),
+    ({"dynamic_scale": "type3", "cls_loss": "ce", "cls_loss_coef": 4.0, "set_cost_class": 5.0}, "ce", (4.0, 5.0)),
+])
+def test_cls_loss_resolution(tiny_args, flags, cls_loss, coefs):
+    args = tiny_args(**flags)
+    assert args.cls_loss == cls_loss
+    assert (args.cls_loss_coef, args.set_cost_class) == coefs
+
+
+@pytest.mark.parametrize("flags, flag_named", [
+    ({"head_mixture": True}, "--head_mixture"),
+    ({"query_mixture": True}, "--query_mixture"),
+    ({"dynamic_scale": "type1", "smooth": 0}, "--smooth"),
+    ({"dynamic_scale": "type1", "smooth": -2}, "--smooth"),
+    ({"dynamic_scale": "type1", "head_mixture": True, "nheads": 1}, "--head_mixture"),
+    ({"dynamic_scale": "type1", "query_mixture": True, "num_queries": 1}, "--query_mixture"),
+    ({"hidden_dim": 30, "nheads": 4}, "--hidden_dim"),
+    ({"dilation": True}, "--dilation"),  # torchvision's BasicBlock (resnet18/34) cannot dilate
+    ({"dilation": True, "backbone": "resnet34"}, "--dilation"),
+])
+def test_invalid_flag_combinations_are_rejected(tiny_args, flags, flag_named):
+    with pytest.raises(UserError, match=flag_named):
+        tiny_args(**flags)
+    args = main.get_args_parser().parse_args(  # check_args itself, before any other resolution
+        ["--backbone", "resnet18", "--num_classes", "5", "--device", "cpu"]
+        + [f"--{k}" if v is True else f"--{k}={v}" for k, v in flags.items()])
+    with pytest.raises(UserError, match=flag_named):
+        main.check_args(args)
+
