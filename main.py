@@ -249,6 +249,9 @@ def main(args, explicit=frozenset()):
     """Run training or evaluation. ``explicit``: the flag names the user passed (see util.checkpoint)."""
     dist.init_distributed_mode(args)
     print(f"world size: {dist.get_world_size()} (rank {dist.get_rank()})")
+    if args.device == "cpu" and dist.get_world_size() > 1:
+        # CPU processes of one job share the node's cores; oversubscribed OpenMP threads thrash
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
     is_main = dist.is_main_process()
     device = torch.device(args.device)
     if args.output_dir:
