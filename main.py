@@ -187,7 +187,7 @@ def ablation_summary(args) -> str:
 def _check_output_dir(output_dir: str) -> None:
     try:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        probe = Path(output_dir) / ".write_test"
+        probe = Path(output_dir) / f".write_test.{os.getpid()}"  # one per process: ranks share the folder
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:

@@ -1,0 +1,87 @@
+"""Submit a sweep file as one submitit job array: one job per run, --output_dir <root>/<name>.
+
+    python slurm/sweep.py experiments/smca_table.sweep --root runs/smca_table --partition P --ngpus 8
+    python slurm/sweep.py experiments/smca_table.sweep --root runs/smca_table --dry_run
+    python slurm/sweep.py experiments/smca_table.sweep --root runs/smca_table --only focal_300_type1_no_scale
+    python slurm/sweep.py experiments/smca_table.sweep --root runs/smca_table -- --coco_path /data/coco
+
+main.py flags after '--' are added to every run (after the sweep file's own flags).
+
+Runs whose <root>/<name>/finished.json exists are skipped; the others (new or interrupted) are
+submitted with --resume auto, so submitting the same sweep again continues where it stopped.
+submitit's pickles and logs go to --job_dir (default <root>/submitit).
+"""
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.sweeps import Run, read_sweep, validate  # noqa: E402
+from slurm.common import Trainer, add_slurm_args, check_slurm_args, make_executor  # noqa: E402
+from util.errors import UserError  # noqa: E402
+
+
+def get_parser():
+    parser = argparse.ArgumentParser("python slurm/sweep.py", allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_file")
+    parser.add_argument("--root", required=True, help="runs go to ROOT/<name>")
+    parser.add_argument("--dry_run", action="store_true", help="print the command of every run, submit nothing")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="submit only these runs")
+    return add_slurm_args(parser)
+
+
+def plan(args, extra=()):
+    """[(run, argv for main.py, finished?)] for the selected runs, in file order; ``extra`` main.py flags
+    are appended to every run (validated with it)."""
+    runs = [Run(run.name, run.argv + list(extra), run.line) for run in read_sweep(args.sweep_file)]
+    for run in runs:
+        validate(run, args.sweep_file)
+    if args.only:
+        unknown = sorted(set(args.only) - {run.name for run in runs})
+        if unknown:
+            raise UserError(f"--only {' '.join(unknown)}: not in {args.sweep_file} "
+                            f"(runs: {' '.join(run.name for run in runs)})")
+        runs = [run for run in runs if run.name in args.only]
+    root = Path(args.root).resolve()
+    return [(run, run.command_argv(root) + ["--resume", "auto"], (root / run.name / "finished.json").exists())
+            for run in runs]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    parser = get_parser()
+    args = parser.parse_args(argv[: len(argv) - len(extra) - (1 if "--" in argv else 0)])
+    try:
+        check_slurm_args(args)
+        todo = plan(args, extra)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    pending = []
+    for run, run_argv, finished in todo:
+        if finished:
+            print(f"skip (finished): {run.name}")
+        elif args.dry_run:
+            print(shlex.join(["python", "main.py", *run_argv]))
+        else:
+            pending.append((run, run_argv))
+    if args.dry_run or not pending:
+        if not args.dry_run:
+            print("nothing to submit: every selected run is finished")
+        return 0
+    job_dir = Path(args.job_dir).resolve() if args.job_dir else Path(args.root).resolve() / "submitit"
+    executor = make_executor(args, job_dir)
+    with executor.batch():
+        jobs = [executor.submit(Trainer(run_argv)) for _, run_argv in pending]
+    for (run, _), job in zip(pending, jobs):
+        print(f"submitted {run.name}: job {job.job_id}  stdout {job.paths.stdout}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

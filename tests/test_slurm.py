@@ -1,0 +1,300 @@
+"""Launchers against a real one-node Slurm cluster (tests/slurm_cluster.py): sbatch sweep arrays, srun and
+torchrun world sizes, submitit submission and requeue, sweep dry runs, and the sweep-file reader."""
+import json
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments import sweeps
+from tests.slurm_cluster import _free_port, slurm_cluster  # noqa: F401  (session fixture)
+from util.errors import UserError
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+WAIT_S = 300
+TINY = ["--dataset_file", "synthetic", "--synthetic_train_size", "8", "--synthetic_val_size", "4",
+        "--synthetic_image_size", "64", "--backbone", "resnet18", "--backbone_weights", "none",
+        "--hidden_dim", "32", "--dim_feedforward", "64", "--enc_layers", "1", "--dec_layers", "1", "--nheads", "2",
+        "--num_queries", "10", "--batch_size", "2", "--num_workers", "0", "--device", "cpu"]
+ONE_EPOCH = TINY + ["--epochs", "1", "--max_iters_per_epoch", "2"]
+# CPU-node overrides of the 4-GPU #SBATCH header of slurm/*.sbatch
+CPU_NODE = ["--partition=debug", "--gres=none", "--ntasks-per-node=1", "--cpus-per-task=1"]
+SMCA_TABLE = REPO / "experiments" / "smca_table.sweep"
+
+
+def logged_epochs(run_dir):
+    return [json.loads(line)["epoch"] for line in (run_dir / "log.txt").read_text().splitlines()]
+
+
+def run_files(run_dir):
+    return {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file()}
+
+
+# ------------------------------------------------------------------------------ sbatch sweep array
+
+def test_sweep_array_trains_every_run_and_resubmission_skips_finished(slurm_cluster, tmp_path):
+    root, logs = tmp_path / "runs", tmp_path / "logs"
+    logs.mkdir()
+    smoke = REPO / "experiments" / "synthetic_smoke.sweep"
+    names = [run.name for run in sweeps.read_sweep(smoke, check=False)]
+    assert len(names) == 2
+    submit = ["--array=0-1", *CPU_NODE, f"--output={logs}/slurm-%A_%a.out",
+              "slurm/sweep.sbatch", str(smoke), str(root)]
+
+    job = slurm_cluster.sbatch(submit, cwd=REPO, env={"PYTHON": PY})
+    jobs = slurm_cluster.wait_job(job, WAIT_S)
+    outputs = [(logs / f"slurm-{job}_{i}.out").read_text() for i in range(2)]
+    assert [j["JobState"] for j in jobs] == ["COMPLETED"] * 2, outputs
+    for i, name in enumerate(names):
+        run_dir = root / name
+        assert f"run {name}: main.py" in outputs[i]
+        assert {"checkpoint.pth", "log.txt", "finished.json", "config.json"} <= set(run_files(run_dir))
+        assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+        assert logged_epochs(run_dir) == [0]
+        assert json.loads((run_dir / "finished.json").read_text())["epochs"] == 1
+    before = {name: run_files(root / name) for name in names}
+
+    again = slurm_cluster.sbatch(submit, cwd=REPO, env={"PYTHON": PY})
+    jobs = slurm_cluster.wait_job(again, WAIT_S)
+    assert [j["JobState"] for j in jobs] == ["COMPLETED"] * 2
+    for i, name in enumerate(names):
+        text = (logs / f"slurm-{again}_{i}.out").read_text()
+        assert text.strip() == f"skip (finished): {name} ({root}/{name}/finished.json exists)"
+        assert run_files(root / name) == before[name]  # same files, same mtimes
+
+
+# ------------------------------------------------------------------------------ srun / torchrun
+
+def test_srun_two_tasks_train_with_world_size_two(slurm_cluster, tmp_path):
+    out = tmp_path / "run"
+    proc = slurm_cluster.run(["srun", "-n", "2", "--kill-on-bad-exit=1", PY, "main.py", *ONE_EPOCH,
+                              "--output_dir", str(out)], cwd=REPO, timeout=WAIT_S)
+    text = proc.stdout + proc.stderr
+    # each rank announces itself once before print() is silenced; afterwards only rank 0 prints
+    assert "| distributed init (rank 0/2, local 0, gloo): tcp://" in text
+    assert "| distributed init (rank 1/2, local 1, gloo): tcp://" in text
+    assert text.count("world size: 2 (rank 0)") == 1 and "world size: 1" not in text
+    assert text.count("start training") == 1
+    assert logged_epochs(out) == [0]
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1
+    assert (out / "finished.json").exists()
+
+
+def test_torchrun_inside_single_srun_task_gets_torchruns_world_size(slurm_cluster, tmp_path):
+    out = tmp_path / "run"
+    port = str(_free_port())
+    proc = slurm_cluster.run(["srun", "-n", "1", "-c", "2", PY, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              f"--master_port={port}", "main.py", *ONE_EPOCH, "--output_dir", str(out)],
+                             cwd=REPO, timeout=WAIT_S)
+    text = proc.stdout + proc.stderr
+    assert "| distributed init (rank 0/2, local 0, gloo): env://" in text
+    assert "| distributed init (rank 1/2, local 1, gloo): env://" in text
+    assert text.count("world size: 2 (rank 0)") == 1 and "world size: 1" not in text
+    assert logged_epochs(out) == [0]
+
+
+# ------------------------------------------------------------------------------ submitit
+
+def _submit(slurm_cluster, flags):
+    proc = slurm_cluster.run([PY, "slurm/submit.py", *flags], cwd=REPO, timeout=120)
+    job_id = re.search(r"^submitted job (\d+):", proc.stdout, re.M).group(1)
+    stdout = Path(re.search(r"^stdout: (\S+)$", proc.stdout, re.M).group(1))
+    return job_id, stdout
+
+
+def test_submitit_two_tasks_per_node_on_gpu_partition(slurm_cluster, tmp_path):
+    # gpu4's node advertises gpu:4 without devices: 2 "GPUs" -> 2 tasks, trained on CPU with gloo
+    out = tmp_path / "run"
+    job_id, stdout = _submit(slurm_cluster, ["--partition", "gpu4", "--ngpus", "2", "--cpus_per_task", "1",
+                                             "--timeout", "10", *ONE_EPOCH, "--output_dir", str(out)])
+    job = slurm_cluster.wait_job(job_id, WAIT_S)[0]
+    text = stdout.read_text()
+    assert job["JobState"] == "COMPLETED", text
+    assert job["NumTasks"] == "2" and job["TresPerNode"].endswith("gpu:2"), job
+    assert text.count("world size: 2 (rank 0)") == 1
+    assert (out / "finished.json").exists() and logged_epochs(out) == [0]
+    assert stdout.parent == out / "submitit"
+
+
+def _wait_for_epochs(slurm_cluster, job_id, run_dir, n):
+    """Poll until log.txt has n epochs (the job must still be running meanwhile)."""
+    log, deadline = run_dir / "log.txt", time.time() + WAIT_S
+    while not (log.exists() and log.read_text().count("\n") >= n):
+        info = slurm_cluster.job_info(job_id)[0]
+        if info["JobState"] not in ("PENDING", "RUNNING", "CONFIGURING") or time.time() > deadline:
+            slurm_cluster.run(["scancel", job_id], check=False)
+            pytest.fail(f"job {job_id} is {info['JobState']} before epoch {n - 1} was logged")
+        time.sleep(0.2)
+    return logged_epochs(run_dir)
+
+
+def test_submitit_job_preempted_mid_run_is_requeued_and_resumes(slurm_cluster, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--partition", "debug", "--ngpus", "0", "--cpus_per_task", "1", "--timeout", "10",
+             *TINY, "--epochs", "3", "--max_iters_per_epoch", "4", "--log_every", "1", "--output_dir", str(out)]
+    job_id, stdout = _submit(slurm_cluster, flags)
+    assert _wait_for_epochs(slurm_cluster, job_id, out, 1) == [0]
+    # submitit's preemption signal: its handler calls Trainer.checkpoint() and `scontrol requeue`s the job
+    slurm_cluster.run(["scancel", "--signal=USR2", job_id])
+
+    job = slurm_cluster.wait_job(job_id, WAIT_S)[0]
+    text = stdout.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", text
+    # (with a 10-minute limit submitit counts any stop as a timeout: it requeues either way)
+    assert "Caught signal SIGUSR2" in text and f"Requeued job {job_id}" in text
+    assert logged_epochs(out) == [0, 1, 2]  # every epoch logged exactly once
+    assert (out / "finished.json").exists()
+    assert text.count("world size: 1 (rank 0)") == 2  # started twice
+    # the requeued job continues after the last saved epoch (0), not from scratch
+    assert re.findall(r"resumed from (\S+) at epoch (\d+)", text) == [(str(out / "checkpoint.pth"), "1")]
+    assert text.count("Epoch: [0] [0/4]") == 1  # epoch 0 was not trained again
+
+
+def test_train_sbatch_usr1_checkpoints_requeues_and_resumes_mid_epoch(slurm_cluster, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "train.out"
+    job_id = slurm_cluster.sbatch([*CPU_NODE, f"--output={log}", "slurm/train.sbatch", *TINY, "--epochs", "2",
+                                   "--max_iters_per_epoch", "4", "--log_every", "1", "--output_dir", str(out)],
+                                  cwd=REPO, env={"PYTHON": PY})
+    assert _wait_for_epochs(slurm_cluster, job_id, out, 1) == [0]
+    # what #SBATCH --signal=USR1@120 sends before the time limit: main saves, requeues, exits 75
+    slurm_cluster.run(["scancel", "--signal=USR1", job_id])
+
+    job = slurm_cluster.wait_job(job_id, WAIT_S)[0]
+    text = log.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", text
+    assert f"scontrol requeue {job_id}" in text and "exiting with code 75" in text
+    saved = re.findall(r"SIGUSR1: saved checkpoint at epoch 1, iteration (\d+)", text)
+    resumed = re.findall(r"resumed from \S+ at epoch 1, iteration (\d+)", text)
+    assert len(saved) == 1 and resumed == saved, text
+    assert logged_epochs(out) == [0, 1] and (out / "finished.json").exists()
+    assert f"job {job_id} (restart 1)" in text
+
+
+# ------------------------------------------------------------------------------ slurm/sweep.py
+
+TABLE = [  # name, own flags (after the common ones)
+    ("focal_300_type1_no_scale", "--dynamic_scale type1"),
+    ("focal_300_type3_xy_scale", "--dynamic_scale type3"),
+    ("focal_300_type4_covarince_scale", "--dynamic_scale type4"),
+    ("focal_300_type2_scale_head_mixture", "--dynamic_scale type2 --head_mixture"),
+    ("focal_300_type2_scale_query_mixture", "--dynamic_scale type2 --query_mixture"),
+    ("focal_300_type2_single_scale_smooth_4", "--dynamic_scale type2 --smooth 4"),
+    ("focal_300_type2_single_scale_smooth_16", "--dynamic_scale type2 --smooth 16"),
+    ("focal_300_type2_scale_query_mixture_150", "--dynamic_scale type2 --query_mixture --lr_drop 100 --epochs 150"),
+    ("focal_300_type2_scale_query_mixture_500", "--dynamic_scale type2 --query_mixture --lr_drop 400 --epochs 500"),
+]
+TABLE_COMMON = "--num_queries 300 --lr_drop 40 --epochs 50 --batch_size 4"
+
+
+def _sweep_py(*args):
+    import subprocess
+
+    return subprocess.run([PY, "slurm/sweep.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_sweep_dry_run_prints_every_command_and_only_filters(tmp_path):
+    root = tmp_path / "table"
+    proc = _sweep_py(str(SMCA_TABLE), "--root", str(root), "--partition", "gpu", "--ngpus", "8", "--dry_run")
+    assert proc.returncode == 0, proc.stderr
+    expected = [f"python main.py {TABLE_COMMON} {flags} --output_dir {root}/{name} --resume auto"
+                for name, flags in TABLE]
+    assert proc.stdout.splitlines() == expected
+
+    only = [TABLE[0][0], TABLE[8][0]]
+    (root / TABLE[0][0]).mkdir(parents=True)
+    (root / TABLE[0][0] / "finished.json").write_text("{}")
+    proc = _sweep_py(str(SMCA_TABLE), "--root", str(root), "--dry_run", "--only", *only)
+    assert proc.stdout.splitlines() == [f"skip (finished): {TABLE[0][0]}", expected[8]]
+
+    proc = _sweep_py(str(SMCA_TABLE), "--root", str(root), "--dry_run", "--only", "focal_300_typo")
+    assert proc.returncode == 2 and "--only focal_300_typo: not in" in proc.stderr
+
+
+def test_sweep_py_submits_an_array_of_unfinished_runs(slurm_cluster, tmp_path):
+    root = tmp_path / "smoke"
+    smoke = REPO / "experiments" / "synthetic_smoke.sweep"
+    done, todo = [run.name for run in sweeps.read_sweep(smoke, check=False)]
+    (root / done).mkdir(parents=True)
+    (root / done / "finished.json").write_text("{}")
+    proc = slurm_cluster.run([PY, "slurm/sweep.py", str(smoke), "--root", str(root), "--partition", "debug",
+                              "--ngpus", "0", "--cpus_per_task", "1", "--timeout", "10"], cwd=REPO, timeout=120)
+    assert proc.stdout.splitlines()[0] == f"skip (finished): {done}"
+    job_id = re.search(rf"^submitted {todo}: job (\S+)  stdout (\S+)$", proc.stdout, re.M)
+    assert job_id, proc.stdout
+    job = slurm_cluster.wait_job(job_id.group(1), WAIT_S)[0]
+    assert job["JobState"] == "COMPLETED", Path(job_id.group(2)).read_text()
+    assert (root / todo / "finished.json").exists() and logged_epochs(root / todo) == [0]
+    assert sorted(p.name for p in (root / done).iterdir()) == ["finished.json"]  # untouched
+
+
+def test_smca_table_resolves_to_focal_for_every_run():
+    import main
+
+    runs = sweeps.read_sweep(SMCA_TABLE)
+    assert [r.name for r in runs] == [name for name, _ in TABLE]
+    for run, (_, flags) in zip(runs, TABLE):
+        args = main.get_args_parser().parse_args(run.argv + ["--device", "cpu"])
+        main.resolve_loss(args)
+        assert args.cls_loss == "focal" and args.num_queries == 300 and args.batch_size == 4
+        assert args.epochs == (int(flags.split("--epochs ")[1]) if "--epochs" in flags else 50)
+
+
+# ------------------------------------------------------------------------------ sweep-file reader
+
+def _write(tmp_path, text):
+    path = tmp_path / "t.sweep"
+    path.write_text(text)
+    return path
+
+
+def test_reader_common_first_run_flags_override_and_comments(tmp_path):
+    path = _write(tmp_path, "# header\n\nfirst --lr 2e-4   # trailing comment\ncommon: --epochs 5 --lr 1e-4\n"
+                            "second --smooth 4 --dynamic_scale type2 --synthetic_root 'a b'\n")
+    runs = sweeps.read_sweep(path)
+    assert [(r.name, r.argv, r.line) for r in runs] == [
+        ("first", ["--epochs", "5", "--lr", "1e-4", "--lr", "2e-4"], 3),
+        ("second", ["--epochs", "5", "--lr", "1e-4", "--smooth", "4", "--dynamic_scale", "type2",
+                    "--synthetic_root", "a b"], 5)]
+    assert sweeps.validate(runs[0], path).lr == 2e-4  # the run's own value wins
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a --epochs 2\nb --epoch 3\n", "t.sweep:2: run 'b': unrecognized arguments: --epoch 3"),
+    ("a --dynamic_scale type9\n", "t.sweep:1: run 'a': argument --dynamic_scale: invalid choice: 'type9'"),
+    ("a --lr fast\n", "t.sweep:1: run 'a': argument --lr: invalid float value: 'fast'"),
+    ("a --head_mixture\n", "t.sweep:1: run 'a': --head_mixture mixes the spatial prior"),
+    ("common: --bogus 1\na --lr 1\n", "t.sweep:1: run 'common': unrecognized arguments: --bogus 1"),
+    ("a --lr 1\n\na --lr 2\n", "t.sweep:3: duplicate run name 'a' (first on line 1)"),
+    ("a/b --lr 1\n", "t.sweep:1: run name 'a/b' must be"),
+    ("a --output_dir x\n", "t.sweep:1: --output_dir is set by the launcher"),
+    ("common: --lr 1\ncommon: --lr 2\na\n", "t.sweep:2: second 'common:' line (the first is line 1)"),
+    ("# nothing\n", "no runs"),
+])
+def test_reader_errors_name_file_line_and_flag(tmp_path, text, message):
+    with pytest.raises(UserError) as info:
+        sweeps.read_sweep(_write(tmp_path, text))
+    assert message in str(info.value)
+
+
+def test_reader_cli_list_count_line(tmp_path):
+    import subprocess
+
+    path = _write(tmp_path, "common: --epochs 2\nx_1 --synthetic_root 'dir with space'\ny.2 --lr 3e-4\n")
+
+    def cli(*args):
+        return subprocess.run([PY, "-m", "experiments.sweeps", str(path), *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+
+    assert cli("--list", "--no_check").stdout == "x_1\ny.2\n"
+    assert cli("--count", "--no_check").stdout == "2\n"
+    line = cli("--line", "0", "--root", "/r").stdout.strip()
+    assert line == "--epochs 2 --synthetic_root 'dir with space' --output_dir /r/x_1"
+    assert shlex.split(line)[3] == "dir with space"
+    bad = cli("--line", "2")
+    assert bad.returncode == 2 and "--line 2:" in bad.stderr and "runs 0..1" in bad.stderr
