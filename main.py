@@ -5,7 +5,9 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
@@ -212,7 +214,7 @@ def _param_groups(model, args):
 def _apply_overrides(optimizer, lr_scheduler, args, explicit) -> None:
     """Explicit --lr/--lr_backbone/--weight_decay/--lr_drop win over the resumed optimizer and scheduler."""
     if "lr" in explicit or "lr_backbone" in explicit or "weight_decay" in explicit:
-        decay = args.lr_drop_gamma ** (lr_scheduler.last_epoch // lr_scheduler.step_size)
+        decay = lr_scheduler.gamma ** (lr_scheduler.last_epoch // lr_scheduler.step_size)
         for group, base in zip(optimizer.param_groups, (args.lr, args.lr_backbone)):
             group["initial_lr"] = base
             group["lr"] = base * decay
@@ -227,14 +229,20 @@ def _apply_overrides(optimizer, lr_scheduler, args, explicit) -> None:
         print(f"override on resume: epochs {args.epochs}")
 
 
+def _val_sampler(dataset_val):
+    if dist.get_world_size() > 1:
+        return DistributedSampler(dataset_val, num_replicas=dist.get_world_size(), rank=dist.get_rank(),
+                                  shuffle=False)
+    return SequentialSampler(dataset_val)
+
+
 def _loaders(args, dataset_train, dataset_val):
     world, rank = dist.get_world_size(), dist.get_rank()
     # a seeded DistributedSampler also for one process: the data order depends only on (seed, epoch),
     # so a resumed run sees exactly the batches a straight run would
     sampler_train = engine.ResumableSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True,
                                             seed=args.seed)
-    sampler_val = (DistributedSampler(dataset_val, num_replicas=world, rank=rank, shuffle=False)
-                   if world > 1 else SequentialSampler(dataset_val))
+    sampler_val = _val_sampler(dataset_val)
     common = dict(collate_fn=collate_fn, num_workers=args.num_workers, persistent_workers=False)
     loader_train = DataLoader(dataset_train, batch_size=args.batch_size, sampler=sampler_train, drop_last=True,
                               **common)
@@ -245,6 +253,68 @@ def _loaders(args, dataset_train, dataset_val):
     return sampler_train, loader_train, loader_val
 
 
+@dataclass
+class Trainer:
+    """The state of one training run and the rank-0 files it writes."""
+    args: argparse.Namespace
+    config: dict
+    model: torch.nn.Module  # DDP-wrapped when distributed
+    model_without_ddp: torch.nn.Module
+    criterion: torch.nn.Module
+    postprocessors: dict
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.StepLR
+    device: torch.device
+    output_dir: Optional[Path]
+    start_epoch: int = 0
+    start_iter: int = 0  # steps already done in start_epoch (a preempted epoch)
+    tb_step: int = 0  # global iteration counter, the TensorBoard x axis
+
+    @property
+    def writes(self) -> bool:
+        return self.output_dir is not None and dist.is_main_process()
+
+    def save(self, name: str, epoch: int, iteration: int = 0) -> None:
+        """Atomic checkpoint; ``iteration`` > 0 marks a preempted epoch (resume continues it)."""
+        if not self.writes:
+            return
+        state = {"model": self.model_without_ddp.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "lr_scheduler": self.lr_scheduler.state_dict(), "epoch": epoch, "iteration": iteration,
+                 "config": self.config, "rng": ckpt.rng_state(), "tb_step": self.tb_step}
+        ckpt.atomic_save(state, self.output_dir / name)
+
+    def write_json(self, name: str, obj, mode: str = "w") -> None:
+        if self.writes:
+            with open(self.output_dir / name, mode) as f:
+                f.write(json.dumps(obj, sort_keys=True) + "\n")
+
+    def restore(self, checkpoint: dict, path: str, explicit) -> None:
+        """Continue a run: optimizer, scheduler, position and RNG from ``checkpoint``."""
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        _apply_overrides(self.optimizer, self.lr_scheduler, self.args, explicit)
+        self.start_iter = checkpoint.get("iteration", 0)
+        # a preempted epoch continues where it stopped; a finished one is followed by the next
+        self.start_epoch = checkpoint["epoch"] + (0 if self.start_iter else 1)
+        self.tb_step = checkpoint.get("tb_step", 0)
+        if "rng" in checkpoint:
+            ckpt.set_rng_state(checkpoint["rng"])
+        if self.writes:
+            _truncate_log(self.output_dir / "log.txt", self.start_epoch)
+        print(f"resumed from {path} at epoch {self.start_epoch}"
+              + (f", iteration {self.start_iter}" if self.start_iter else ""))
+
+
+def _truncate_log(path: Path, start_epoch: int) -> None:
+    """Drop log.txt lines of epochs the resumed run will redo (a crash after the line, before the checkpoint)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("epoch", -1) < start_epoch]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
+
+
 def main(args, explicit=frozenset()):
     """Run training or evaluation. ``explicit``: the flag names the user passed (see util.checkpoint)."""
     dist.init_distributed_mode(args)
@@ -252,7 +322,6 @@ def main(args, explicit=frozenset()):
     if args.device == "cpu" and dist.get_world_size() > 1:
         # CPU processes of one job share the node's cores; oversubscribed OpenMP threads thrash
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
-    is_main = dist.is_main_process()
     device = torch.device(args.device)
     if args.output_dir:
         _check_output_dir(args.output_dir)
@@ -275,130 +344,110 @@ def main(args, explicit=frozenset()):
     model, criterion, postprocessors = build_model(args, backbone_weights=weights)
     model.to(device)
     model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None)
-    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    print(f"number of params: {n_parameters}")
-
-    optimizer = torch.optim.AdamW(_param_groups(model_without_ddp, args), lr=args.lr,
-                                  weight_decay=args.weight_decay)
-    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
-    args.lr_drop_gamma = lr_scheduler.gamma
-
-    dataset_train = datasets.build_dataset("train", args) if not args.eval else None
-    dataset_val = datasets.build_dataset("val", args)
-    base_ds = datasets.get_coco_api_from_dataset(dataset_val)
-
-    start_epoch, start_iter, tb_step = args.start_epoch, 0, 0
     if args.finetune_from:
         source = ckpt.load_checkpoint(args.finetune_from, trust=args.trust_checkpoint)
         for line in ckpt.finetune_weights(model_without_ddp, source["model"]):
             print(line)
     if checkpoint is not None:
         ckpt.load_model_weights(model_without_ddp, checkpoint["model"])
-        if not args.eval and "optimizer" in checkpoint and "lr_scheduler" in checkpoint:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            _apply_overrides(optimizer, lr_scheduler, args, explicit)
-            start_epoch = checkpoint["epoch"] + 1
-            start_iter = checkpoint.get("iteration", 0)
-            if start_iter:
-                start_epoch -= 1  # a preempted epoch continues where it stopped
-            tb_step = checkpoint.get("tb_step", 0)
-            if "rng" in checkpoint:
-                ckpt.set_rng_state(checkpoint["rng"])
-            print(f"resumed from {resume_path} at epoch {start_epoch}"
-                  + (f", iteration {start_iter}" if start_iter else ""))
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    print(f"number of params: {sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)}")
 
+    dataset_val = datasets.build_dataset("val", args)
+    base_ds = datasets.get_coco_api_from_dataset(dataset_val)
     if args.eval:
-        stats, _ = engine.evaluate(model, criterion, postprocessors, DataLoader(
-            dataset_val, batch_size=args.batch_size, collate_fn=collate_fn, num_workers=args.num_workers,
-            sampler=(DistributedSampler(dataset_val, shuffle=False) if args.distributed
-                     else SequentialSampler(dataset_val))), base_ds, device, amp=args.amp)
-        if args.output_dir and is_main:
+        loader_val = DataLoader(dataset_val, batch_size=args.batch_size, collate_fn=collate_fn,
+                                num_workers=args.num_workers, sampler=_val_sampler(dataset_val))
+        stats, _ = engine.evaluate(model, criterion, postprocessors, loader_val, base_ds, device, amp=args.amp)
+        if args.output_dir and dist.is_main_process():
             with open(Path(args.output_dir) / "eval.json", "w") as f:
-                json.dump({k: v for k, v in stats.items()}, f)
+                json.dump(stats, f)
         return stats
 
-    sampler_train, loader_train, loader_val = _loaders(args, dataset_train, dataset_val)
-    output_dir = Path(args.output_dir) if args.output_dir else None
-    if output_dir is not None and is_main:
-        with open(output_dir / "config.json", "w") as f:
+    optimizer = torch.optim.AdamW(_param_groups(model_without_ddp, args), lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    trainer = Trainer(args, config, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
+                      device, Path(args.output_dir) if args.output_dir else None, start_epoch=args.start_epoch)
+    if checkpoint is not None and "optimizer" in checkpoint and "lr_scheduler" in checkpoint:
+        trainer.restore(checkpoint, resume_path, explicit)
+    dataset_train = datasets.build_dataset("train", args)
+    if trainer.writes:
+        with open(trainer.output_dir / "config.json", "w") as f:
             json.dump(config, f, indent=1, sort_keys=True)
-    logger = RunLogger(args.output_dir, enabled=is_main, purge_step=tb_step if checkpoint is not None else None)
+    logger = RunLogger(args.output_dir, enabled=dist.is_main_process(),
+                       purge_step=trainer.tb_step if checkpoint is not None else None)
     logger.log_hparams(config, {})
     # under submitit, its own handler checkpoints and requeues (via slurm/submit.py's checkpoint())
     preemption = PreemptionHandler(signals=() if os.environ.get("SUBMITIT_EXECUTOR") else PREEMPTION_SIGNALS)
     try:
-        return _train(args, config, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
-                      dataset_val, base_ds, sampler_train, loader_train, loader_val, logger, preemption, output_dir,
-                      start_epoch, start_iter, tb_step, n_parameters, is_main, device)
+        return train(trainer, dataset_train, dataset_val, base_ds, logger, preemption)
     finally:
         preemption.uninstall()
         logger.close()
 
 
-def _train(args, config, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
-           dataset_val, base_ds, sampler_train, loader_train, loader_val, logger, preemption, output_dir,
-           start_epoch, start_iter, tb_step, n_parameters, is_main, device):
+def _stop_for_requeue(trainer: Trainer, preemption, epoch: int, iteration: int, logger) -> None:
+    trainer.save("checkpoint.pth", epoch, iteration=iteration)
+    where = f"epoch {epoch}, iteration {iteration}" if iteration else f"the end of epoch {epoch}"
+    print(f"{preemption.signal_name}: saved checkpoint at {where}")
+    logger.close()
+    preemption.uninstall()
+    exit_for_requeue(dist.get_rank())
+
+
+def train(trainer: Trainer, dataset_train, dataset_val, base_ds, logger, preemption) -> dict:
+    """The epoch loop: train, evaluate, log, checkpoint (after the epoch's logs, so a resumed run
+    redoes an epoch whose logs may be partial, and drops them first)."""
+    args, device = trainer.args, trainer.device
+    sampler_train, loader_train, loader_val = _loaders(args, dataset_train, dataset_val)
     diag_batch = next(iter(DataLoader(dataset_val, batch_size=min(2, len(dataset_val)), collate_fn=collate_fn)))[0]
-
-    def save(name: str, epoch: int, iteration: int = 0):
-        if output_dir is None or not is_main:
-            return
-        state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                 "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "iteration": iteration,
-                 "config": config, "rng": ckpt.rng_state(), "tb_step": tb_step}
-        ckpt.atomic_save(state, output_dir / name)
-
+    n_parameters = sum(p.numel() for p in trainer.model_without_ddp.parameters() if p.requires_grad)
     print("start training")
     start_time = time.time()
     test_stats = {}
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(trainer.start_epoch, args.epochs):
         epoch_start = time.time()
+        start_iter = trainer.start_iter if epoch == trainer.start_epoch else 0
         # the RNG of every epoch depends only on (seed, rank, epoch): resuming at an epoch is exact
         seed_everything(args.seed + dist.get_rank() + 1000 * epoch)
         sampler_train.set_epoch(epoch)
-        sampler_train.set_start(start_iter * args.batch_size if epoch == start_epoch else 0)
+        sampler_train.set_start(start_iter * args.batch_size)
         result = engine.train_one_epoch(
-            model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
-            logger=logger, step=tb_step, images_per_step=args.batch_size * dist.get_world_size(),
+            trainer.model, trainer.criterion, loader_train, trainer.optimizer, device, epoch, args.clip_max_norm,
+            logger=logger, step=trainer.tb_step, images_per_step=args.batch_size * dist.get_world_size(),
             log_every=args.log_every, max_iters=args.max_iters_per_epoch, amp=args.amp,
             skip_nonfinite=args.skip_nonfinite, should_stop=lambda: preemption.requested_on_any_rank(device),
-            start_iter=start_iter if epoch == start_epoch else 0)
-        train_stats, tb_step = result.stats, result.step
+            start_iter=start_iter)
+        trainer.tb_step = result.step
         if result.stopped_at is not None:
-            save("checkpoint.pth", epoch, iteration=result.stopped_at)
-            print(f"{preemption.signal_name}: saved checkpoint at epoch {epoch}, iteration {result.stopped_at}")
-            logger.close()
-            preemption.uninstall()
-            exit_for_requeue(dist.get_rank())
-        lr_scheduler.step()
-        save("checkpoint.pth", epoch)
-        # keep a copy before each lr drop and every --save_every epochs (DETR)
-        if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.save_every == 0:
-            save(f"checkpoint{epoch:04}.pth", epoch)
+            _stop_for_requeue(trainer, preemption, epoch, result.stopped_at, logger)
+        trainer.lr_scheduler.step()
 
         coco_stats = None
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            test_stats, coco_stats = engine.evaluate(model, criterion, postprocessors, loader_val, base_ds, device,
-                                                     amp=args.amp)
+            test_stats, coco_stats = engine.evaluate(trainer.model, trainer.criterion, trainer.postprocessors,
+                                                     loader_val, base_ds, device, amp=args.amp)
         if args.dynamic_scale != "none":
-            logger.log_smca(epoch, model_without_ddp.smca_diagnostics(diag_batch.to(device)))
+            logger.log_smca(epoch, trainer.model_without_ddp.smca_diagnostics(diag_batch.to(device)))
         epoch_time = time.time() - epoch_start
-        logger.log_epoch(epoch, train_stats, coco_stats, epoch_time)
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                     **({f"test_{k}": v for k, v in test_stats.items()} if coco_stats is not None else {}),
-                     "epoch": epoch, "n_parameters": n_parameters, "epoch_time": epoch_time,
-                     "nonfinite_skipped": result.skipped}
-        if output_dir is not None and is_main:
-            with open(output_dir / "log.txt", "a") as f:
-                f.write(json.dumps(log_stats) + "\n")
-    logger.log_hparams(config, engine.final_metrics(test_stats))
-    if output_dir is not None and is_main:
-        with open(output_dir / "finished.json", "w") as f:
-            json.dump({"epochs": args.epochs, "metrics": engine.final_metrics(test_stats)}, f)
+        logger.log_epoch(epoch, result.stats, coco_stats, epoch_time)
+        trainer.write_json("log.txt", {
+            **{f"train_{k}": v for k, v in result.stats.items()},
+            **({f"test_{k}": v for k, v in test_stats.items()} if coco_stats is not None else {}),
+            "epoch": epoch, "n_parameters": n_parameters, "epoch_time": epoch_time,
+            "nonfinite_skipped": result.skipped}, mode="a")
+        trainer.save("checkpoint.pth", epoch)
+        # keep a copy before each lr drop and every --save_every epochs (DETR)
+        if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.save_every == 0:
+            trainer.save(f"checkpoint{epoch:04}.pth", epoch)
+        if preemption.requested_on_any_rank(device):  # arrived during evaluation
+            _stop_for_requeue(trainer, preemption, epoch, 0, logger)
+    metrics = engine.final_metrics(test_stats)
+    logger.log_hparams(trainer.config, metrics)
+    trainer.write_json("finished.json", {"epochs": args.epochs, "metrics": metrics})
     print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return test_stats
 
