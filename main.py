@@ -46,6 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="resnet18 | resnet34 | resnet50 | resnet101")
     parser.add_argument("--backbone_weights", default="imagenet", type=str,
                         help="imagenet (torchvision download) | none | PATH to a ResNet state dict")
+    parser.add_argument("--backbone_norm", default="frozen", choices=("frozen", "batch"),
+                        help="frozen: DETR's frozen BatchNorm, layer2-4 trained (for pretrained weights); "
+                             "batch: trainable BatchNorm, every layer trained (for training from scratch)")
     parser.add_argument("--dilation", action="store_true", help="DC5: dilate the last stage (stride 16)")
     parser.add_argument("--position_embedding", default="sine", choices=("sine", "learned"))
     parser.add_argument("--enc_layers", default=6, type=int)

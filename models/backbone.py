@@ -67,19 +67,27 @@ def _load_backbone_weights(resnet: nn.Module, name: str, weights: str) -> None:
                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
 
 
-class Backbone(nn.Module):
-    """ResNet trunk with frozen BatchNorm. Output: the last feature map and its downsampled padding mask."""
+# 'frozen': DETR's FrozenBatchNorm2d, for pretrained weights (trains layer2-4 only);
+# 'batch': ordinary BatchNorm2d and every layer trained, for training from scratch, where frozen statistics
+# of a random network are the identity and leave the backbone without any normalisation
+BACKBONE_NORMS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
+_DETR_TRAINED_LAYERS = ("layer2", "layer3", "layer4")
 
-    def __init__(self, name: str, train_backbone: bool, dilation: bool, weights: str = "none"):
+
+class Backbone(nn.Module):
+    """ResNet trunk. Output: the last feature map and its downsampled padding mask."""
+
+    def __init__(self, name: str, train_backbone: bool, dilation: bool, weights: str = "none",
+                 norm: str = "frozen"):
         super().__init__()
         if name not in RESNETS:
             raise UserError(f"--backbone {name} is not supported; choose one of {', '.join(RESNETS)}")
         resnet = getattr(torchvision.models, name)(
-            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d)
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=BACKBONE_NORMS[norm])
         _load_backbone_weights(resnet, name, weights)
-        # DETR trains layer2-4 and keeps the stem and layer1 frozen
+        trained = _DETR_TRAINED_LAYERS if norm == "frozen" else _BODY_LAYERS
         for pname, parameter in resnet.named_parameters():
-            if not train_backbone or not pname.startswith(("layer2", "layer3", "layer4")):
+            if not train_backbone or not pname.startswith(trained):
                 parameter.requires_grad_(False)
         self.num_channels = resnet.fc.in_features
         self.stride = _resnet_stride(resnet)
@@ -119,7 +127,7 @@ def image_extent(mask: torch.Tensor, stride: int) -> torch.Tensor:
 
 def build_backbone(args, position_embedding: nn.Module, weights: str) -> Joiner:
     train_backbone = args.lr_backbone > 0
-    backbone = Backbone(args.backbone, train_backbone, args.dilation, weights)
+    backbone = Backbone(args.backbone, train_backbone, args.dilation, weights, norm=args.backbone_norm)
     return Joiner(backbone, position_embedding)
 
 

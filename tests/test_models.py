@@ -407,3 +407,19 @@ def test_invalid_flag_combinations_are_rejected(tiny_args, flags, flag_named):
     with pytest.raises(UserError, match=flag_named):
         main.check_args(args)
 
+
+
+def test_backbone_norm_batch_trains_every_layer_with_batchnorm(tiny_args):
+    """--backbone_norm batch (training from scratch): ordinary BatchNorm, every backbone layer trained;
+    the default keeps DETR's frozen BatchNorm and trains layer2-4 only."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    frozen, _, _ = build_model(tiny_args())
+    batch, _, _ = build_model(tiny_args(backbone_norm="batch"))
+    body = batch.backbone[0].body
+    assert isinstance(body.bn1, torch.nn.BatchNorm2d) and not isinstance(body.bn1, FrozenBatchNorm2d)
+    assert isinstance(frozen.backbone[0].body.bn1, FrozenBatchNorm2d)
+    assert all(p.requires_grad for p in body.parameters())
+    trained = {n.split(".")[3] for n, p in frozen.named_parameters() if n.startswith("backbone.0.body") and p.requires_grad}
+    assert trained == {"layer2", "layer3", "layer4"}
+    assert "backbone.0.body.bn1.num_batches_tracked" in batch.state_dict()
+    assert "backbone.0.body.bn1.num_batches_tracked" not in frozen.state_dict()

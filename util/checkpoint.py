@@ -32,7 +32,7 @@ from util.errors import UserError
 # model must be built with the checkpoint's values. --no_aux_loss is left out on purpose: the auxiliary
 # heads share the final head's weights, so it changes the loss, never the weights.
 ARCH_FLAGS = (
-    'backbone', 'dilation', 'position_embedding', 'hidden_dim', 'nheads', 'enc_layers', 'dec_layers',
+    'backbone', 'backbone_norm', 'dilation', 'position_embedding', 'hidden_dim', 'nheads', 'enc_layers', 'dec_layers',
     'dim_feedforward', 'pre_norm', 'num_queries', 'dynamic_scale', 'smooth', 'head_mixture',
     'query_mixture', 'cls_loss', 'num_classes', 'masks',
 )
