@@ -189,7 +189,7 @@ TABLE = [  # name, own flags (after the common ones)
     ("focal_300_type2_scale_query_mixture_150", "--dynamic_scale type2 --query_mixture --lr_drop 100 --epochs 150"),
     ("focal_300_type2_scale_query_mixture_500", "--dynamic_scale type2 --query_mixture --lr_drop 400 --epochs 500"),
 ]
-TABLE_COMMON = "--num_queries 300 --lr_drop 40 --epochs 50 --batch_size 4"
+TABLE_COMMON = "--dataset_file coco --num_queries 300 --lr_drop 40 --epochs 50 --batch_size 4"
 
 
 def _sweep_py(*args):
