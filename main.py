@@ -272,18 +272,21 @@ class Trainer:
     start_epoch: int = 0
     start_iter: int = 0  # steps already done in start_epoch (a preempted epoch)
     tb_step: int = 0  # global iteration counter, the TensorBoard x axis
+    resumed_log_stats: Optional[dict] = None  # the checkpointed epoch's log line
 
     @property
     def writes(self) -> bool:
         return self.output_dir is not None and dist.is_main_process()
 
-    def save(self, name: str, epoch: int, iteration: int = 0) -> None:
-        """Atomic checkpoint; ``iteration`` > 0 marks a preempted epoch (resume continues it)."""
+    def save(self, name: str, epoch: int, iteration: int = 0, log_stats: Optional[dict] = None) -> None:
+        """Atomic checkpoint; ``iteration`` > 0 marks a preempted epoch (resume continues it);
+        ``log_stats`` is the epoch's log.txt line (restored on resume if the line never reached the file)."""
         if not self.writes:
             return
         state = {"model": self.model_without_ddp.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "lr_scheduler": self.lr_scheduler.state_dict(), "epoch": epoch, "iteration": iteration,
-                 "config": self.config, "rng": ckpt.rng_state(), "tb_step": self.tb_step}
+                 "config": self.config, "rng": ckpt.rng_state(), "tb_step": self.tb_step,
+                 "log_stats": log_stats}
         ckpt.atomic_save(state, self.output_dir / name)
 
     def write_json(self, name: str, obj, mode: str = "w") -> None:
@@ -300,21 +303,22 @@ class Trainer:
         # a preempted epoch continues where it stopped; a finished one is followed by the next
         self.start_epoch = checkpoint["epoch"] + (0 if self.start_iter else 1)
         self.tb_step = checkpoint.get("tb_step", 0)
+        self.resumed_log_stats = checkpoint.get("log_stats")
         if "rng" in checkpoint:
             ckpt.set_rng_state(checkpoint["rng"])
-        if self.writes:
-            _truncate_log(self.output_dir / "log.txt", self.start_epoch)
         print(f"resumed from {path} at epoch {self.start_epoch}"
               + (f", iteration {self.start_iter}" if self.start_iter else ""))
 
 
-def _truncate_log(path: Path, start_epoch: int) -> None:
-    """Drop log.txt lines of epochs the resumed run will redo (a crash after the line, before the checkpoint)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+def _truncate_log(path: Path, start_epoch: int, checkpointed: Optional[dict] = None) -> None:
+    """Make log.txt hold exactly the epochs before ``start_epoch``: drop lines of epochs this run will
+    (re)do, and add the checkpointed epoch's line (``checkpointed``) if a stop came before it was written."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     kept = [line for line in lines if json.loads(line).get("epoch", -1) < start_epoch]
-    if len(kept) != len(lines):
+    epochs = {json.loads(line).get("epoch") for line in kept}
+    if checkpointed is not None and checkpointed.get("epoch") not in epochs and checkpointed["epoch"] < start_epoch:
+        kept.append(json.dumps(checkpointed, sort_keys=True))
+    if kept != lines:
         path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -380,8 +384,9 @@ def main(args, explicit=frozenset()):
     if trainer.writes:
         with open(trainer.output_dir / "config.json", "w") as f:
             json.dump(config, f, indent=1, sort_keys=True)
-    logger = RunLogger(args.output_dir, enabled=dist.is_main_process(),
-                       purge_step=trainer.tb_step if checkpoint is not None else None)
+        # what an interrupted attempt logged past the checkpoint (or, with none, at all) is redone
+        _truncate_log(trainer.output_dir / "log.txt", trainer.start_epoch, trainer.resumed_log_stats)
+    logger = RunLogger(args.output_dir, enabled=dist.is_main_process(), purge_step=trainer.tb_step)
     logger.log_hparams(config, {})
     # under submitit, its own handler checkpoints and requeues (via slurm/submit.py's checkpoint())
     preemption = PreemptionHandler(signals=() if os.environ.get("SUBMITIT_EXECUTOR") else PREEMPTION_SIGNALS)
@@ -436,16 +441,18 @@ def train(trainer: Trainer, dataset_train, dataset_val, base_ds, logger, preempt
         if args.dynamic_scale != "none":
             logger.log_smca(epoch, trainer.model_without_ddp.smca_diagnostics(diag_batch.to(device)))
         epoch_time = time.time() - epoch_start
+        log_stats = {**{f"train_{k}": v for k, v in result.stats.items()},
+                     **({f"test_{k}": v for k, v in test_stats.items()} if coco_stats is not None else {}),
+                     "epoch": epoch, "n_parameters": n_parameters, "epoch_time": epoch_time,
+                     "nonfinite_skipped": result.skipped}
+        # order: events, checkpoint (holding the log line), log line; a stop anywhere in between resumes
+        # consistently (events past the checkpoint are dropped, a missing log line comes from the checkpoint)
         logger.log_epoch(epoch, result.stats, coco_stats, epoch_time)
-        trainer.write_json("log.txt", {
-            **{f"train_{k}": v for k, v in result.stats.items()},
-            **({f"test_{k}": v for k, v in test_stats.items()} if coco_stats is not None else {}),
-            "epoch": epoch, "n_parameters": n_parameters, "epoch_time": epoch_time,
-            "nonfinite_skipped": result.skipped}, mode="a")
-        trainer.save("checkpoint.pth", epoch)
+        trainer.save("checkpoint.pth", epoch, log_stats=log_stats)
         # keep a copy before each lr drop and every --save_every epochs (DETR)
         if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.save_every == 0:
-            trainer.save(f"checkpoint{epoch:04}.pth", epoch)
+            trainer.save(f"checkpoint{epoch:04}.pth", epoch, log_stats=log_stats)
+        trainer.write_json("log.txt", log_stats, mode="a")
         if preemption.requested_on_any_rank(device):  # arrived during evaluation
             _stop_for_requeue(trainer, preemption, epoch, 0, logger)
     metrics = engine.final_metrics(test_stats)

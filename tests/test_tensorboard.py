@@ -225,7 +225,9 @@ def test_resume_continues_curves_without_duplicate_steps(tmp_path, scenario):
         f.truncate(os.path.getsize(os.path.join(run_dir, events_file)) - 3)
 
     wait_for_next_second()
-    resumed = RunLogger(run_dir, purge_step=resume_epoch * ITERS_PER_EPOCH)
+    # purge_step is the checkpoint's last logged iteration: this test logs 0-based iterations, so the
+    # checkpoint before epoch `resume_epoch` holds iterations up to resume_epoch * ITERS_PER_EPOCH - 1
+    resumed = RunLogger(run_dir, purge_step=resume_epoch * ITERS_PER_EPOCH - 1)
     resumed.log_hparams(CONFIG, {})
     log_epochs(resumed, list(range(resume_epoch, 4)), tag_value=200.0)
     resumed.log_hparams(CONFIG, {"AP": 0.5})

@@ -209,3 +209,20 @@ def test_event_files_hold_what_the_engine_logged(trained_run):
     assert values["dynamic_scale"].string_value == "type2" and values["cls_loss"].string_value == "focal"
     assert values["num_queries"].number_value == 10 and values["query_mixture"].bool_value is True
     assert not [p for p in out.iterdir() if p.is_dir() and p.name != "eval"]  # no stray timestamped sub-run
+
+
+def test_resumed_run_continues_the_same_curves_and_log(tmp_path, synthetic_root):
+    """2 epochs, then resume to 3: every epoch's COCO point and every iteration exactly once in the events;
+    a log line lost between the checkpoint and log.txt (a kill at that moment) comes back from the checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    common = [*TINY, "--synthetic_root", synthetic_root, "--max_iters_per_epoch", "2", "--output_dir", str(out)]
+    assert main.cli([*common, "--epochs", "2"]) == 0
+    log = out / "log.txt"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()[:-1]))  # the kill
+    assert main.cli([*common, "--epochs", "3", "--resume", "auto"]) == 0
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [0, 1, 2]
+    acc = EventAccumulator(str(out))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("coco/AP")] == [1, 2, 3]
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]

@@ -42,13 +42,13 @@ FLUSH_SECS = 30
 
 
 def drop_events_after(output_dir: str, iteration: int) -> int:
-    """Rewrite the event files in output_dir without what was written once training reached `iteration`.
+    """Rewrite the event files in output_dir without what was written after training passed `iteration`.
 
     Used on resume with the checkpoint's global iteration, so that the resumed run continues the same
     curves with no step written twice. An event is dropped when the latest train/ event before it in
-    its file (or itself) has step >= iteration; that covers every axis: train_by_images/ events are
-    written right after their train/ event, and epoch-axis events logged after an older checkpoint
-    follow train/ events past it.
+    its file (or itself) has step > iteration; that covers every axis: train_by_images/ events are
+    written right after their train/ event, and epoch-axis events of an epoch the checkpoint does not
+    hold follow train/ events past it (the engine writes an epoch's events before its checkpoint).
 
     Why not SummaryWriter(purge_step=...): TensorBoard's purge hides the events of every tag with
     step >= purge_step, but only train/ is on the iteration axis. train_by_images/ steps (images seen)
@@ -64,7 +64,7 @@ def drop_events_after(output_dir: str, iteration: int) -> int:
             event = Event.FromString(record)
             if event.HasField("summary"):
                 if any(v.tag.startswith(ITERATION_PREFIX) for v in event.summary.value):
-                    past = event.step >= iteration
+                    past = event.step > iteration
                 if past:
                     dropped += 1
                     continue
@@ -117,7 +117,7 @@ class RunLogger:
         output_dir: the run folder; falsy disables the logger (no files written).
         enabled: False on non-zero ranks.
         purge_step: on resume, the checkpoint's global iteration ('tb_step'); events already in
-            output_dir that were written once training had reached it are removed first
+            output_dir that were written after training passed it are removed first
             (see drop_events_after), so curves continue with no step written twice.
     """
 
