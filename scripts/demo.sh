@@ -9,5 +9,5 @@ exec "$PY" main.py --dataset_file synthetic --output_dir outputs/demo \
   --backbone resnet18 --backbone_weights none --backbone_norm batch \
   --hidden_dim 128 --nheads 8 --dim_feedforward 256 --enc_layers 2 --dec_layers 2 --num_queries 20 \
   --dropout 0.0 --dynamic_scale type2 --query_mixture \
-  --lr 5e-4 --lr_backbone 5e-4 --batch_size 8 --epochs 10 --lr_drop 8 --eval_every 2 \
+  --lr 5e-4 --lr_backbone 5e-4 --batch_size 8 --epochs 20 --lr_drop 16 --eval_every 4 \
   --num_workers 1 --log_every 16 --device cpu "$@"
