@@ -2,7 +2,7 @@
 import contextlib
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -42,7 +42,6 @@ class TrainResult:
     step: int  # global iteration counter after the epoch (TensorBoard x axis)
     skipped: int = 0  # batches skipped for a non-finite loss
     stopped_at: Optional[int] = None  # iterations done in this epoch when a stop was requested
-    losses: List[float] = field(default_factory=list)
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -108,7 +107,6 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         metric_logger.update(loss=loss_value, **scaled, **unscaled)
         metric_logger.update(class_error=reduced.get("class_error", torch.zeros(())))
         metric_logger.update(lr=optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm))
-        result.losses.append(loss_value)
         if logger is not None and (i % log_every == 0 or i == total - 1):
             scalars = {"loss": loss_value, **{k: v.item() for k, v in scaled.items()},
                        **{k: v.item() for k, v in unscaled.items()}, "grad_norm": float(grad_norm),
