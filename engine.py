@@ -12,8 +12,8 @@ from datasets.coco_eval import CocoEvaluator
 from util import dist
 from util.errors import UserError
 from util.misc import MetricLogger, SmoothedValue
+from util.tb import COCO_METRIC_NAMES
 
-COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 class ResumableSampler(DistributedSampler):
@@ -177,7 +177,7 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
 def final_metrics(test_stats: Dict) -> Dict[str, float]:
     """The named COCO metrics of the last evaluation (empty if there was none)."""
     coco = test_stats.get("coco_eval_bbox") if test_stats else None
-    return dict(zip(COCO_STAT_NAMES, coco)) if coco else {}
+    return dict(zip(COCO_METRIC_NAMES, coco)) if coco else {}
 
 
 __all__ = ["train_one_epoch", "evaluate", "final_metrics", "ResumableSampler", "TrainResult", "NonFiniteLoss"]

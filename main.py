@@ -273,6 +273,7 @@ class Trainer:
     start_iter: int = 0  # steps already done in start_epoch (a preempted epoch)
     tb_step: int = 0  # global iteration counter, the TensorBoard x axis
     resumed_log_stats: Optional[dict] = None  # the checkpointed epoch's log line
+    n_parameters: int = 0  # trainable parameters (log.txt, as DETR)
 
     @property
     def writes(self) -> bool:
@@ -360,7 +361,8 @@ def main(args, explicit=frozenset()):
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)
-    print(f"number of params: {sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)}")
+    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    print(f"number of params: {n_parameters}")
 
     dataset_val = datasets.build_dataset("val", args)
     base_ds = datasets.get_coco_api_from_dataset(dataset_val)
@@ -377,7 +379,8 @@ def main(args, explicit=frozenset()):
                                   weight_decay=args.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     trainer = Trainer(args, config, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
-                      device, Path(args.output_dir) if args.output_dir else None, start_epoch=args.start_epoch)
+                      device, Path(args.output_dir) if args.output_dir else None, start_epoch=args.start_epoch,
+                      n_parameters=n_parameters)
     if checkpoint is not None and "optimizer" in checkpoint and "lr_scheduler" in checkpoint:
         trainer.restore(checkpoint, resume_path, explicit)
     dataset_train = datasets.build_dataset("train", args)
@@ -412,7 +415,6 @@ def train(trainer: Trainer, dataset_train, dataset_val, base_ds, logger, preempt
     args, device = trainer.args, trainer.device
     sampler_train, loader_train, loader_val = _loaders(args, dataset_train, dataset_val)
     diag_batch = next(iter(DataLoader(dataset_val, batch_size=min(2, len(dataset_val)), collate_fn=collate_fn)))[0]
-    n_parameters = sum(p.numel() for p in trainer.model_without_ddp.parameters() if p.requires_grad)
     print("start training")
     start_time = time.time()
     test_stats = {}
@@ -443,7 +445,7 @@ def train(trainer: Trainer, dataset_train, dataset_val, base_ds, logger, preempt
         epoch_time = time.time() - epoch_start
         log_stats = {**{f"train_{k}": v for k, v in result.stats.items()},
                      **({f"test_{k}": v for k, v in test_stats.items()} if coco_stats is not None else {}),
-                     "epoch": epoch, "n_parameters": n_parameters, "epoch_time": epoch_time,
+                     "epoch": epoch, "n_parameters": trainer.n_parameters, "epoch_time": epoch_time,
                      "nonfinite_skipped": result.skipped}
         # order: events, checkpoint (holding the log line), log line; a stop anywhere in between resumes
         # consistently (events past the checkpoint are dropped, a missing log line comes from the checkpoint)
