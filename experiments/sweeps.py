@@ -108,9 +108,9 @@ class _RaisingParser(argparse.ArgumentParser):
 
 
 def _strict_parser():
-    import main  # torch and the model code: imported only when validating
+    import options  # torch: imported only when validating
 
-    return _RaisingParser("sweep", parents=[main.get_args_parser()], add_help=False, allow_abbrev=False)
+    return _RaisingParser("sweep", parents=[options.get_args_parser()], add_help=False, allow_abbrev=False)
 
 
 def validate(run, path, parser=None):
@@ -127,11 +127,11 @@ def validate(run, path, parser=None):
 def check_portable(args):
     """main.check_args, except what depends on the machine: device and AMP are properties of the node
     the job lands on, so a login node without GPUs can validate a GPU run."""
-    import main
+    import options
 
     probe = argparse.Namespace(**vars(args))
     probe.device, probe.amp = "cpu", False
-    main.check_args(probe)
+    options.check_args(probe)
 
 
 def main_cli(argv=None):

@@ -1,6 +1,6 @@
 """The SMCA spatial prior: reference centres, per-head offsets, dynamic scales and the head/query mixtures.
 
-Math (see shared/design/ablation-modules.md): for query q and head m the co-attention logits get
+Math (see docs/ablation-modules.md): for query q and head m the co-attention logits get
 ``G = -D / smooth`` where ``D`` is a scaled squared distance between each feature cell (x = column, y = row)
 and the head centre ``c = c0 + delta`` (feature cells). ``c0 = sigmoid(r_logit) * (w_b, h_b)`` comes from the
 layer-0 reference MLP; ``delta`` and the scales are predicted per layer from ``u = LayerNorm(t + p)``.

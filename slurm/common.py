@@ -76,7 +76,7 @@ class Trainer:
         import submitit
 
         import main
-        from util import checkpoint as ckpt
+        from util import run_config
         from util import dist
 
         env = submitit.JobEnvironment()
@@ -93,7 +93,7 @@ class Trainer:
         print(f"submitit job {env.job_id} task {env.global_rank}/{env.num_tasks} on {env.hostname}: "
               f"main.py {' '.join(self.argv)} (resume {args.resume})", flush=True)
         try:
-            return main.main(args, ckpt.explicit_flags(parser, self.argv))
+            return main.main(args, run_config.explicit_flags(parser, self.argv))
         finally:
             dist.cleanup()
 

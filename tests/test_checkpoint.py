@@ -19,9 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from util.checkpoint import (atomic_save, config_to_dict, explicit_flags, finetune_weights,
-                             infer_official_config, load_checkpoint, load_model_weights, reconcile_config,
-                             rng_state, set_rng_state)
+from util.checkpoint import (atomic_save, finetune_weights, load_checkpoint, load_model_weights, rng_state,
+                             set_rng_state)
+from util.run_config import config_to_dict, explicit_flags, infer_official_config, reconcile_config
 from util.errors import UserError
 from util.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, exit_for_requeue
 

@@ -234,13 +234,13 @@ def test_sweep_py_submits_an_array_of_unfinished_runs(slurm_cluster, tmp_path):
 
 
 def test_smca_table_resolves_to_focal_for_every_run():
-    import main
+    import options
 
     runs = sweeps.read_sweep(SMCA_TABLE)
     assert [r.name for r in runs] == [name for name, _ in TABLE]
     for run, (_, flags) in zip(runs, TABLE):
-        args = main.get_args_parser().parse_args(run.argv + ["--device", "cpu"])
-        main.resolve_loss(args)
+        args = options.get_args_parser().parse_args(run.argv + ["--device", "cpu"])
+        options.resolve_loss(args)
         assert args.cls_loss == "focal" and args.num_queries == 300 and args.batch_size == 4
         assert args.epochs == (int(flags.split("--epochs ")[1]) if "--epochs" in flags else 50)
 

@@ -1,4 +1,4 @@
-"""SMCA against plain re-implementations of shared/design/ablation-modules.md: the modulated co-attention, the
+"""SMCA against plain re-implementations of docs/ablation-modules.md: the modulated co-attention, the
 scale variants, the centres, the head/query mixtures and the bandwidth."""
 import math
 

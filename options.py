@@ -1,0 +1,198 @@
+"""main.py's flags: definitions (DETR's names and defaults, plus the ablation flags), parse-time checks and
+derived defaults.
+
+What a flag means for checkpoints is declared here, where the flag is defined: ``architecture(...)`` marks a
+flag whose value changes which weights exist or what they mean. ``ARCH_FLAGS`` is derived from those marks;
+a resumed or evaluated model takes these flags from its checkpoint (util/run_config.py). --no_aux_loss is
+not one: the auxiliary heads share the final head's weights, so it changes the loss, never the weights.
+"""
+import argparse
+import os
+
+import torch
+
+import datasets
+from util.errors import UserError
+
+DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
+# defaults that depend on the classification loss: (ce, focal); focal's are the research code's
+LOSS_DEFAULTS = {"ce": {"cls_loss_coef": 1.0, "set_cost_class": 1.0},
+                 "focal": {"cls_loss_coef": 2.0, "set_cost_class": 2.0}}
+
+
+def architecture(action: argparse.Action) -> argparse.Action:
+    """Mark a flag as architecture: a checkpoint fixes its value (see the module docstring)."""
+    action.architecture = True
+    return action
+
+
+def architecture_flags(parser: argparse.ArgumentParser) -> tuple:
+    """The dest names of the flags marked with ``architecture``, in definition order."""
+    return tuple(a.dest for a in parser._actions if getattr(a, "architecture", False))
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("DETR / SMCA ablations", add_help=False, allow_abbrev=False)
+
+    def arch(*names, **kwargs):  # an architecture flag (see the module docstring)
+        return architecture(parser.add_argument(*names, **kwargs))
+
+    parser.add_argument("--lr", default=1e-4, type=float)
+    parser.add_argument("--lr_backbone", default=1e-5, type=float)
+    parser.add_argument("--batch_size", default=2, type=int)
+    parser.add_argument("--weight_decay", default=1e-4, type=float)
+    parser.add_argument("--epochs", default=300, type=int)
+    parser.add_argument("--lr_drop", default=200, type=int)
+    parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
+    parser.add_argument("--frozen_weights", type=str, default=None,
+                        help="DETR's segmentation-only flag; not supported by this fork")
+
+    # model
+    arch("--backbone", default="resnet50", type=str,
+         help="resnet18 | resnet34 | resnet50 | resnet101")
+    parser.add_argument("--backbone_weights", default="imagenet", type=str,
+                        help="imagenet (torchvision download) | none | PATH to a ResNet state dict")
+    arch("--backbone_norm", default="frozen", choices=("frozen", "batch"),
+         help="frozen: DETR's frozen BatchNorm, layer2-4 trained (for pretrained weights); "
+              "batch: trainable BatchNorm, every layer trained (for training from scratch)")
+    arch("--dilation", action="store_true", help="DC5: dilate the last stage (stride 16)")
+    arch("--position_embedding", default="sine", choices=("sine", "learned"))
+    arch("--enc_layers", default=6, type=int)
+    arch("--dec_layers", default=6, type=int)
+    arch("--dim_feedforward", default=2048, type=int)
+    arch("--hidden_dim", default=256, type=int)
+    parser.add_argument("--dropout", default=0.1, type=float)
+    arch("--nheads", default=8, type=int)
+    arch("--num_queries", default=100, type=int)
+    arch("--pre_norm", action="store_true")
+    arch("--masks", action="store_true", help="DETR's segmentation head; not supported here")
+
+    # SMCA ablations (docs/ablation-modules.md)
+    arch("--dynamic_scale", default="none", choices=DYNAMIC_SCALES,
+         help="spatially modulated co-attention and its scale variant; none = plain DETR")
+    arch("--smooth", default=8.0, type=float, help="bandwidth beta of the log-prior -D / beta")
+    arch("--head_mixture", action="store_true", help="prior on the first half of the heads only")
+    arch("--query_mixture", action="store_true",
+         help="the first half of the queries are plain DETR queries")
+
+    # loss
+    parser.add_argument("--no_aux_loss", action="store_true", help="loss on the last decoder layer only")
+    arch("--cls_loss", default="auto", choices=("auto", "ce", "focal"),
+         help="auto: focal with --dynamic_scale, ce without")
+    parser.add_argument("--focal_alpha", default=0.25, type=float)
+    parser.add_argument("--focal_gamma", default=2.0, type=float)
+    parser.add_argument("--set_cost_class", default=None, type=float, help="default: 1 (ce) / 2 (focal)")
+    parser.add_argument("--set_cost_bbox", default=5.0, type=float)
+    parser.add_argument("--set_cost_giou", default=2.0, type=float)
+    parser.add_argument("--cls_loss_coef", default=None, type=float, help="default: 1 (ce) / 2 (focal)")
+    parser.add_argument("--bbox_loss_coef", default=5.0, type=float)
+    parser.add_argument("--giou_loss_coef", default=2.0, type=float)
+    parser.add_argument("--eos_coef", default=0.1, type=float, help="no-object class weight (ce)")
+
+    # data
+    parser.add_argument("--dataset_file", default=None, choices=("coco", "synthetic"),
+                        help="default: coco when --coco_path is given (DETR's commands), else the embedded synthetic set")
+    parser.add_argument("--coco_path", type=str, default=None)
+    arch("--num_classes", type=int, default=None,
+         help="largest category id + 1 (default: 91 for COCO, derived for synthetic)")
+    parser.add_argument("--synthetic_root", type=str,
+                        default=os.path.join(os.path.expanduser("~"), ".cache", "smca_detr", "synthetic"))
+    parser.add_argument("--synthetic_train_size", type=int, default=512)
+    parser.add_argument("--synthetic_val_size", type=int, default=64)
+    parser.add_argument("--synthetic_image_size", type=int, default=128)
+    parser.add_argument("--skip_bad_images", action="store_true",
+                        help="skip (and count) unreadable images instead of stopping")
+
+    # run
+    parser.add_argument("--output_dir", default="", help="where to save checkpoints, logs and event files")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", default=42, type=int)
+    parser.add_argument("--resume", default="", help="checkpoint path, https URL, or 'auto' (<output_dir>/checkpoint.pth if present)")
+    parser.add_argument("--finetune_from", default="", help="load model weights only (heads that do not fit are re-initialised)")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="allow checkpoints that need full unpickling (only for files you trust)")
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
+    parser.add_argument("--eval", action="store_true")
+    parser.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
+    parser.add_argument("--num_workers", default=2, type=int)
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    parser.add_argument("--log_every", default=20, type=int, help="progress line and TensorBoard point every N steps")
+    parser.add_argument("--save_every", default=100, type=int, help="keep checkpoint{epoch:04}.pth every N epochs")
+    parser.add_argument("--skip_nonfinite", default=0, type=int,
+                        help="skip up to N batches with a non-finite loss (default: stop at the first)")
+    parser.add_argument("--max_iters_per_epoch", default=0, type=int, help="cap steps per epoch (0: all; tests)")
+    parser.add_argument("--world_size", default=1, type=int, help="set from the launcher's environment")
+    parser.add_argument("--dist_url", default="env://")
+    return parser
+
+
+def check_args(args) -> None:
+    """Parse-time validation of values and combinations; raises UserError with one clear message."""
+    if args.dataset_file is None:
+        args.dataset_file = "coco" if args.coco_path else "synthetic"
+    positive = ("batch_size", "epochs", "lr_drop", "enc_layers", "dec_layers", "hidden_dim", "nheads",
+                "num_queries", "dim_feedforward", "log_every", "save_every", "eval_every")
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.hidden_dim % args.nheads:
+        raise UserError(f"--hidden_dim {args.hidden_dim} must be divisible by --nheads {args.nheads}")
+    if args.hidden_dim % 2:
+        raise UserError(f"--hidden_dim {args.hidden_dim} must be even (half goes to x, half to y positions)")
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.smooth <= 0:
+        raise UserError(f"--smooth must be > 0 (it divides the squared distance), got {args.smooth}")
+    for flag in ("head_mixture", "query_mixture"):
+        if getattr(args, flag) and args.dynamic_scale == "none":
+            raise UserError(f"--{flag} mixes the spatial prior with plain attention and needs --dynamic_scale "
+                            f"type1|type2|type3|type4 (got none)")
+    if args.head_mixture and args.nheads < 2:
+        raise UserError(f"--head_mixture needs at least 2 heads (the prior goes to floor(nheads/2)), "
+                        f"got --nheads {args.nheads}")
+    if args.query_mixture and args.num_queries < 2:
+        raise UserError(f"--query_mixture needs at least 2 queries, got --num_queries {args.num_queries}")
+    if args.num_classes is not None and args.num_classes <= 0:
+        raise UserError(f"--num_classes must be positive, got {args.num_classes}")
+    if args.masks or args.frozen_weights:
+        raise UserError("--masks / --frozen_weights (DETR's panoptic segmentation) are not supported by this fork")
+    if args.dilation and args.backbone in ("resnet18", "resnet34"):
+        raise UserError(f"--dilation needs a bottleneck ResNet (resnet50 or resnet101); torchvision's "
+                        f"{args.backbone} blocks do not support dilation")
+    if args.amp and not args.device.startswith("cuda"):
+        raise UserError(f"--amp uses bf16 autocast on CUDA; --device is {args.device}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device} but CUDA is not available; use --device cpu")
+    if args.skip_nonfinite < 0 or args.max_iters_per_epoch < 0 or args.start_epoch < 0:
+        raise UserError("--skip_nonfinite, --max_iters_per_epoch and --start_epoch must be >= 0")
+    if args.resume and args.finetune_from:
+        raise UserError("--resume and --finetune_from exclude each other: resume continues a run, "
+                        "finetune_from starts a new one from another run's weights")
+
+
+def resolve_loss(args) -> None:
+    """cls_loss auto -> focal with a spatial prior, ce without; loss-dependent defaults for coefficients."""
+    if args.cls_loss == "auto":
+        args.cls_loss = "ce" if args.dynamic_scale == "none" else "focal"
+    for name, value in LOSS_DEFAULTS[args.cls_loss].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def resolve_args(args) -> None:
+    """Validate and fill derived defaults in place (cls_loss, coefficients, num_classes)."""
+    check_args(args)
+    resolve_loss(args)
+    if args.num_classes is None:
+        args.num_classes = datasets.num_classes_for(args)
+
+
+def ablation_summary(args) -> str:
+    prior = "off (plain DETR co-attention)" if args.dynamic_scale == "none" else (
+        f"{args.dynamic_scale}, smooth {args.smooth:g}, head_mixture {args.head_mixture}, "
+        f"query_mixture {args.query_mixture}")
+    return (f"ablation: dynamic_scale {prior}; cls_loss {args.cls_loss} (coef {args.cls_loss_coef:g}, "
+            f"match cost {args.set_cost_class:g}); num_queries {args.num_queries}")
+
+
+ARCH_FLAGS = architecture_flags(get_args_parser())
