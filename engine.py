@@ -140,16 +140,17 @@ def _grad_norm(model: torch.nn.Module) -> float:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: Dict, data_loader: Iterable,
-             base_ds, device: torch.device, amp: bool = False, log_every: int = 20) -> Tuple[Dict, List[float]]:
+             base_ds, device: torch.device, amp: bool = False, log_every: int = 20,
+             evaluator: Optional[CocoEvaluator] = None) -> Tuple[Dict, List[float]]:
     """Losses on the validation set and COCO bbox evaluation merged over all ranks.
 
     Returns (stats, coco_stats): stats has the averaged losses and 'coco_eval_bbox' (the 12 COCOeval numbers);
-    coco_stats is that list.
+    coco_stats is that list. Pass an ``evaluator`` to read its merged detections afterwards.
     """
     model.eval()
     criterion.eval()
     metric_logger = MetricLogger(delimiter="  ")
-    evaluator = CocoEvaluator(base_ds, ("bbox",))
+    evaluator = evaluator if evaluator is not None else CocoEvaluator(base_ds, ("bbox",))
     for samples, targets in metric_logger.log_every(data_loader, log_every, "Test:"):
         samples = samples.to(device)
         targets = _targets_to(targets, device)

@@ -20,6 +20,7 @@ from options import ablation_summary, check_args, get_args_parser, resolve_args 
 from util import checkpoint as ckpt
 from util import dist
 from util import run_config
+from datasets.coco_eval import CocoEvaluator
 from util.errors import UserError
 from util.misc import collate_fn, seed_everything
 from util.preemption import PREEMPTION_SIGNALS, PreemptionHandler, exit_for_requeue
@@ -111,6 +112,7 @@ class Trainer:
     tb_step: int = 0  # global iteration counter, the TensorBoard x axis
     resumed_log_stats: Optional[dict] = None  # the checkpointed epoch's log line
     n_parameters: int = 0  # trainable parameters (log.txt, as DETR)
+    class_names: Optional[dict] = None  # {category id: name} of the dataset, stored in checkpoints
 
     @property
     def writes(self) -> bool:
@@ -124,7 +126,7 @@ class Trainer:
         state = {"model": self.model_without_ddp.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "lr_scheduler": self.lr_scheduler.state_dict(), "epoch": epoch, "iteration": iteration,
                  "config": self.config, "rng": ckpt.rng_state(), "tb_step": self.tb_step,
-                 "log_stats": log_stats}
+                 "log_stats": log_stats, "class_names": self.class_names}
         ckpt.atomic_save(state, self.output_dir / name)
 
     def write_json(self, name: str, obj, mode: str = "w") -> None:
@@ -207,10 +209,14 @@ def main(args, explicit=frozenset()):
     if args.eval:
         loader_val = DataLoader(dataset_val, batch_size=args.batch_size, collate_fn=collate_fn,
                                 num_workers=args.num_workers, sampler=_val_sampler(dataset_val))
-        stats, _ = engine.evaluate(model, criterion, postprocessors, loader_val, base_ds, device, amp=args.amp)
+        evaluator = CocoEvaluator(base_ds)
+        stats, _ = engine.evaluate(model, criterion, postprocessors, loader_val, base_ds, device, amp=args.amp,
+                                   evaluator=evaluator)
         if args.output_dir and dist.is_main_process():
             with open(Path(args.output_dir) / "eval.json", "w") as f:
                 json.dump(stats, f)
+            if args.save_detections:
+                _save_detections(evaluator.detections(), Path(args.output_dir) / "detections.json")
         return stats
 
     optimizer = torch.optim.AdamW(_param_groups(model_without_ddp, args), lr=args.lr,
@@ -218,7 +224,7 @@ def main(args, explicit=frozenset()):
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     trainer = Trainer(args, config, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
                       device, Path(args.output_dir) if args.output_dir else None, start_epoch=args.start_epoch,
-                      n_parameters=n_parameters)
+                      n_parameters=n_parameters, class_names=datasets.class_names_of(dataset_val))
     if checkpoint is not None and "optimizer" in checkpoint and "lr_scheduler" in checkpoint:
         trainer.restore(checkpoint, resume_path, explicit)
     dataset_train = datasets.build_dataset("train", args)
@@ -236,6 +242,14 @@ def main(args, explicit=frozenset()):
     finally:
         preemption.uninstall()
         logger.close()
+
+
+def _save_detections(detections: list, path: Path) -> None:
+    """COCO results JSON (a list of {image_id, category_id, bbox [x, y, w, h], score}), written atomically."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(detections))
+    os.replace(tmp, path)
+    print(f"wrote {len(detections)} detections of {len({d['image_id'] for d in detections})} images to {path}")
 
 
 def _stop_for_requeue(trainer: Trainer, preemption, epoch: int, iteration: int, logger) -> None:

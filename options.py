@@ -12,6 +12,7 @@ import os
 import torch
 
 import datasets
+from models import resolve_cls_loss
 from util.errors import UserError
 
 DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
@@ -113,6 +114,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="allow checkpoints that need full unpickling (only for files you trust)")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
     parser.add_argument("--eval", action="store_true")
+    parser.add_argument("--save_detections", action="store_true",
+                        help="with --eval: write the evaluated split's detections as COCO results "
+                             "(<output_dir>/detections.json)")
     parser.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
@@ -165,6 +169,9 @@ def check_args(args) -> None:
         raise UserError(f"--device {args.device} but CUDA is not available; use --device cpu")
     if args.skip_nonfinite < 0 or args.max_iters_per_epoch < 0 or args.start_epoch < 0:
         raise UserError("--skip_nonfinite, --max_iters_per_epoch and --start_epoch must be >= 0")
+    if args.save_detections and not (args.eval and args.output_dir):
+        raise UserError("--save_detections writes <output_dir>/detections.json of an evaluation; "
+                        "it needs --eval and --output_dir")
     if args.resume and args.finetune_from:
         raise UserError("--resume and --finetune_from exclude each other: resume continues a run, "
                         "finetune_from starts a new one from another run's weights")
@@ -172,8 +179,7 @@ def check_args(args) -> None:
 
 def resolve_loss(args) -> None:
     """cls_loss auto -> focal with a spatial prior, ce without; loss-dependent defaults for coefficients."""
-    if args.cls_loss == "auto":
-        args.cls_loss = "ce" if args.dynamic_scale == "none" else "focal"
+    args.cls_loss = resolve_cls_loss(args.cls_loss, args.dynamic_scale)
     for name, value in LOSS_DEFAULTS[args.cls_loss].items():
         if getattr(args, name) is None:
             setattr(args, name, value)

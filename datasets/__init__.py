@@ -3,12 +3,11 @@ import torch
 
 from util.errors import UserError
 
+from .class_names import COCO_NUM_CLASSES, class_names_of  # noqa: F401 (part of the package's API)
 from .coco import build_coco, max_category_id
 from .synthetic import (DEFAULT_IMAGE_SIZE, DEFAULT_ROOT, DEFAULT_TRAIN_SIZE, DEFAULT_VAL_SIZE,
                         ensure_synthetic)
-from .transforms import make_coco_transforms, scaled_coco_transform_params
-
-COCO_NUM_CLASSES = 91   # DETR's convention: COCO category ids 1..90 used directly as classes
+from .transforms import Compose, make_coco_transforms, scaled_coco_transform_params
 
 
 def _or_default(value, default):
@@ -59,6 +58,15 @@ def build_dataset(image_set: str, args):
     root, image_size = _synthetic_root(args)
     transforms = make_coco_transforms(image_set, **scaled_coco_transform_params(image_size))
     return build_coco(image_set, root, transforms, num_classes, skip_bad_images)
+
+
+def eval_transform(dataset_file: str | None = "coco", synthetic_image_size: int | None = None) -> Compose:
+    """The validation transform of a run on ``dataset_file`` (a checkpoint's config; None for DETR's official
+    checkpoints, which are COCO's): call it with a PIL image alone for the normalised (3, H, W) model input."""
+    if dataset_file == "synthetic":
+        image_size = int(_or_default(synthetic_image_size, DEFAULT_IMAGE_SIZE))
+        return make_coco_transforms("val", **scaled_coco_transform_params(image_size))
+    return make_coco_transforms("val")
 
 
 def get_coco_api_from_dataset(dataset):

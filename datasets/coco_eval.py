@@ -58,6 +58,11 @@ class CocoEvaluator:
             ]
         self._stats = None
 
+    def detections(self) -> list[dict]:
+        """Every detection as COCO results (image_id, category_id, bbox xywh, score), by image id: the file
+        format of test-dev submissions and ``COCO.loadRes``."""
+        return [d for image_id in sorted(self.results) for d in self.results[image_id]]
+
     def synchronize_between_processes(self) -> None:
         merged: dict[int, list[dict]] = {}
         for part in dist.all_gather(self.results):
@@ -80,7 +85,7 @@ class CocoEvaluator:
 
     def accumulate(self) -> None:
         img_ids = sorted(self.results)
-        detections = [d for i in img_ids for d in self.results[i]]
+        detections = self.detections()
         coco_eval = COCOeval(self.coco_gt, self._results_api(detections), iouType="bbox")
         coco_eval.params.imgIds = img_ids
         if img_ids:

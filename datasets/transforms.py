@@ -1,6 +1,7 @@
 """Paired image/target transforms for detection (DETR's recipe).
 
-Every transform is called as ``img, target = t(img, target)``. Until
+Every transform is called as ``img, target = t(img, target)``; a ``Compose`` called with an image alone
+(inference: no target) returns the image alone. Until
 ``Normalize``, ``target['boxes']`` is (N, 4) absolute xyxy in pixels of the
 current image; ``Normalize`` turns it into cxcywh normalised by the image size,
 the format the model and the loss expect. Geometry transforms work on PIL
@@ -161,7 +162,9 @@ class Compose:
     def __init__(self, transforms):
         self.transforms = list(transforms)
 
-    def __call__(self, img, target):
+    def __call__(self, img, target=None):
+        if target is None:  # an image alone (inference): the transforms see an empty target
+            return self(img, {})[0]
         for t in self.transforms:
             img, target = t(img, target)
         return img, target
