@@ -35,8 +35,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("predict.py: detections, boxes and attention pictures for images",
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser("predict.py", allow_abbrev=False,
+                                     description="detections.json, box pictures and attention figures for images")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
                         help=f"image files, or folders whose images ({' '.join(IMAGE_SUFFIXES)}) are all used")
     parser.add_argument("--resume", "--checkpoint", dest="resume", required=True, metavar="CKPT_OR_URL",
@@ -44,12 +44,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", required=True, help="where detections.json and the pictures go")
     parser.add_argument("--threshold", type=float, default=0.7,
                         help="keep detections scoring at least this (0 keeps all: COCO-evaluable results)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda if available, else cpu")
     parser.add_argument("--attention", action="store_true",
                         help="also draw the co-attention (and SMCA's spatial prior) of the top detections")
     parser.add_argument("--attention_top", type=int, default=3, help="detections per attention figure")
     parser.add_argument("--vis_scale", type=float, default=1.0,
-                        help="draw the pictures this many times the image size (e.g. 3 for 128-px images)")
+                        help="draw the box pictures this many times the image size (e.g. 3 for 128-px images)")
     parser.add_argument("--trust_checkpoint", action="store_true",
                         help="allow checkpoints that need full unpickling (only for files you trust)")
     parser.add_argument("--skip_bad_images", action="store_true",

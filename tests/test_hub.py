@@ -78,3 +78,17 @@ def test_coco_class_names_entry():
     names = hub_load("coco_class_names")
     assert len(names) == 80 and names[1] == "person" and names[90] == "toothbrush"
     assert not {12, 26, 29, 30, 45, 66, 68, 69, 71, 83} & set(names)  # COCO's unused ids
+
+
+def test_the_readme_snippet_runs_on_a_hub_model():
+    """The README's three lines (with a random model: no download), on two images of different sizes."""
+    torch.manual_seed(0)
+    model, postprocess = hub_load("detr_resnet50", pretrained=False, backbone_weights="none",
+                                  return_postprocessor=True)
+    images = [torch.randn(3, 64, 96), torch.randn(3, 80, 64)]
+    with torch.no_grad():
+        outputs = model.eval()(images)
+    detections = postprocess(outputs, torch.tensor([[480, 720], [600, 480]]))
+    assert [d["boxes"].shape for d in detections] == [(100, 4), (100, 4)]
+    assert detections[0]["boxes"][:, 2].max() <= 720 and detections[1]["boxes"][:, 3].max() <= 600
+    assert all(((d["scores"] > 0) & (d["scores"] < 1)).all() for d in detections)

@@ -41,7 +41,8 @@ def draw_detections(image: Image.Image, boxes: np.ndarray, category_ids: Sequenc
     """The image (resized by ``scale``) with one box per detection, labelled '<name> <score>' on a tag of the
     box's colour (one colour per category). boxes: (K, 4) absolute xyxy in ``image``'s pixels."""
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    canvas = image.convert("RGB").resize(size, Image.BICUBIC) if scale != 1 else image.convert("RGB")
+    # nearest: an enlarged small image shows its actual pixels (and its PNG stays small)
+    canvas = image.convert("RGB").resize(size, Image.NEAREST) if scale != 1 else image.convert("RGB")
     draw = ImageDraw.Draw(canvas)
     short = min(size)
     line = max(2, round(short / 200))
@@ -116,6 +117,14 @@ def _show_image(ax, image: np.ndarray, box: np.ndarray, colour, faded: bool) -> 
     ax.set_yticks([])
 
 
+def _overlay(ax, values: np.ndarray, cmap: str, extent) -> None:
+    """values (H, W) in [0, 1] as colour over the image, more opaque where larger: low cells leave the image
+    visible. Cells are drawn as blocks (nearest), the resolution the model works at."""
+    rgba = plt.get_cmap(cmap)(values)  # (H, W, 4)
+    rgba[..., 3] = 0.15 + 0.75 * values
+    ax.imshow(rgba, extent=extent, interpolation="nearest")
+
+
 def _mark(ax, xy, label: Optional[str] = None) -> None:
     ax.plot(*xy, marker="+", markersize=9, markeredgewidth=2.2, color="black")
     ax.plot(*xy, marker="+", markersize=8, markeredgewidth=1.2, color="white")
@@ -135,7 +144,7 @@ def plot_attention(image: Image.Image, rows: List[AttentionRow], path, dpi: int 
     nhead = rows[0].panels.attention.shape[0]
     kinds = [("attention", "prior") if _uses_prior(row.panels) else ("attention",) for row in rows]
     blocks_inches = [len(k) * panel_inches * height / width + 0.45 for k in kinds]
-    fig = plt.figure(figsize=((nhead + 1) * panel_inches, sum(blocks_inches) + 0.3), layout="constrained")
+    fig = plt.figure(figsize=((nhead + 1) * panel_inches, sum(blocks_inches) + 0.3), layout="constrained", dpi=dpi)
     smca = rows[0].panels.prior is not None
     fig.suptitle("last decoder layer, per head: co-attention, each map scaled to its maximum"
                  + ("\nspatial prior exp(G) on [0, 1];  + = head centre" if smca else ""), fontsize=9)
@@ -147,8 +156,11 @@ def plot_attention(image: Image.Image, rows: List[AttentionRow], path, dpi: int 
         axes = block.subplots(len(row_kinds), nhead + 1, squeeze=False)
         for axes_row, kind in zip(axes, row_kinds):
             _draw_row(axes_row, kind, row, pixels)
-    fig.savefig(path, dpi=dpi)
+    fig.canvas.draw()
+    rgb = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
     plt.close(fig)
+    # 256 colours hold the heat maps and the faded images; the file is several times smaller than full RGB
+    rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
 def _uses_prior(panels: QueryPanels) -> bool:
@@ -171,12 +183,10 @@ def _draw_row(axes_row, kind: str, row: AttentionRow, pixels: np.ndarray) -> Non
         _show_image(ax, pixels, row.box, row.colour, faded=True)
         if kind == "attention":
             peak = float(p.attention[m].max())
-            ax.imshow(p.attention[m] / max(peak, 1e-12), cmap="inferno", vmin=0, vmax=1, alpha=0.65,
-                      extent=p.extent, interpolation="nearest")
+            _overlay(ax, p.attention[m] / max(peak, 1e-12), "inferno", p.extent)
             ax.set_title(f"head {m}  max {peak:.2f}", fontsize=7)
         elif p.has_prior[m]:
-            ax.imshow(np.exp(p.prior[m]), cmap="viridis", vmin=0, vmax=1, alpha=0.65, extent=p.extent,
-                      interpolation="bilinear")
+            _overlay(ax, np.exp(p.prior[m]), "viridis", p.extent)
             ax.set_title(f"head {m}", fontsize=7)
         else:
             ax.set_title(f"head {m}: no prior", fontsize=7)
