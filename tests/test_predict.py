@@ -70,7 +70,7 @@ def test_json_equals_model_and_postprocessor_run_directly(predicted, tiny_checkp
         with torch.no_grad():
             want = postprocessor(model(nested_tensor_from_tensor_list([image])), target["orig_size"][None])[0]
         got = [r for r in records if r["image_id"] == image_id]  # file names are numbers: they are the ids
-        assert len(got) == len(want["scores"]) == 50  # focal: top 100 of 10 queries x 5 classes, threshold 0
+        assert len(got) == len(want["scores"]) > 0  # threshold 0: everything the post-processor returns
         order = want["scores"].argsort(descending=True, stable=True)
         torch.testing.assert_close(torch.tensor([r["score"] for r in got]), want["scores"][order])
         x0, y0, x1, y1 = want["boxes"][order].unbind(-1)
@@ -96,11 +96,12 @@ def test_pictures_decode_at_the_image_size(predicted):
 
 
 def test_progress_has_a_count_and_an_eta(predicted):
-    _, stdout, _ = predicted
+    out, stdout, _ = predicted
     lines = [line for line in stdout.splitlines() if line.startswith("[")]
     assert lines[0].startswith("[1/3] ") and lines[-1].startswith("[3/3] ")
     assert all(" s/image | ETA " in line for line in lines)
-    assert "wrote 150 detections of 3 images" in stdout
+    records = json.loads((out / "detections.json").read_text())
+    assert f"wrote {len(records)} detections of 3 images" in stdout
 
 
 def test_threshold_keeps_the_detections_at_or_above_it(predicted, tiny_checkpoint, tmp_path):
@@ -108,14 +109,15 @@ def test_threshold_keeps_the_detections_at_or_above_it(predicted, tiny_checkpoin
     everything = json.loads((out / "detections.json").read_text())
     scores = sorted((r["score"] for r in everything if r["image_id"] == dataset.ids[0]), reverse=True)
     # halfway across the widest gap in the middle of the scores: rounding cannot move a score across it
-    gap = max(range(10, 40), key=lambda i: scores[i] - scores[i + 1])
+    middle = range(len(scores) // 4, 3 * len(scores) // 4)
+    gap = max(middle, key=lambda i: scores[i] - scores[i + 1])
     threshold = (scores[gap] + scores[gap + 1]) / 2
     image = dataset.img_folder / dataset.coco.imgs[dataset.ids[0]]["file_name"]
     assert predict.cli(["--checkpoint", str(tiny_checkpoint[0]), str(image), "--output_dir", str(tmp_path),
                         "--threshold", str(threshold)]) == 0
     kept = json.loads((tmp_path / "detections.json").read_text())
     expected = [r for r in everything if r["image_id"] == dataset.ids[0] and r["score"] >= threshold]
-    assert 0 < len(kept) < 50 and len(kept) == len(expected)
+    assert 0 < len(kept) < len(scores) and len(kept) == len(expected)
     # this process runs one thread, the script two: the sums round differently, so numbers are compared closely
     fields = ("image_id", "category_id", "file_name", "category_name")
     assert [[r[f] for f in fields] for r in kept] == [[r[f] for f in fields] for r in expected]
@@ -232,7 +234,7 @@ def test_bad_input_is_one_line(tmp_path, tiny_checkpoint, capsys):
         assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
     # the image before the broken one was done and kept
     kept = json.loads((tmp_path / "o4" / "detections.json").read_text())
-    assert len(kept) == 50 and {r["file_name"] for r in kept} == {"a_good.jpg"}
+    assert kept and {r["file_name"] for r in kept} == {"a_good.jpg"}
     assert predict.cli([str(a) for a in ("--resume", checkpoint, tmp_path / "images", "--output_dir", tmp_path / "o5",
                                          "--skip_bad_images", "--threshold", "0")]) == 0
     captured = capsys.readouterr()
