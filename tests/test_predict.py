@@ -19,7 +19,7 @@ from inference import load_detector
 from models import build_detr
 from models.attention_maps import co_attention_maps
 from util.misc import nested_tensor_from_tensor_list
-from util.visualize import query_panels
+from util.visualize import layout_tags, query_panels
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ def test_attention_figure_arrays_are_the_models_prior_and_attention(tiny_checkpo
     torch.testing.assert_close(outputs["pred_logits"], model(samples)["pred_logits"])
 
 
-def test_plain_detr_figure_has_no_prior_and_is_drawn(tmp_path, tiny_checkpoint):
+def test_plain_detr_figure_has_no_prior_and_is_drawn(tmp_path, tiny_checkpoint, capsys):
     """A DETR checkpoint (no spatial prior): attention rows only."""
     checkpoint = torch.load(tiny_checkpoint[0], map_location="cpu", weights_only=True)
     config = {**checkpoint["config"], "dynamic_scale": "none", "head_mixture": False, "query_mixture": False,
@@ -204,6 +204,12 @@ def test_plain_detr_figure_has_no_prior_and_is_drawn(tmp_path, tiny_checkpoint):
                                          tmp_path / "out", "--threshold", "0", "--attention", "--attention_top", "1")]) == 0
     with Image.open(tmp_path / "out" / "square_attention.png") as figure:
         figure.load()
+    # without --threshold: DETR's 0.7 for a softmax classifier (0.3 for a focal one, see the next test)
+    capsys.readouterr()
+    assert predict.cli([str(tmp_path / "square.png"), "--resume", str(tmp_path / "detr.pth"), "--output_dir",
+                        str(tmp_path / "default")]) == 0
+    assert "--threshold 0.7 (the default for a ce classifier)" in capsys.readouterr().out
+    assert all(r["score"] >= 0.7 for r in json.loads((tmp_path / "default" / "detections.json").read_text()))
     assert json.loads((tmp_path / "out" / "detections.json").read_text())[0]["category_name"] in (
         "square", "circle", "triangle", "diamond")
 
@@ -239,6 +245,10 @@ def test_bad_input_is_one_line(tmp_path, tiny_checkpoint, capsys):
                                          "--skip_bad_images", "--threshold", "0")]) == 0
     captured = capsys.readouterr()
     assert "broken.jpg" in captured.err and "1 unreadable images skipped" in captured.out
+    assert predict.cli([str(a) for a in ("--resume", checkpoint, tmp_path / "images" / "a_good.jpg", "--output_dir",
+                                         tmp_path / "o7")]) == 0
+    assert "--threshold 0.3 (the default for a focal classifier)" in capsys.readouterr().out
+    assert all(r["score"] >= 0.3 for r in json.loads((tmp_path / "o7" / "detections.json").read_text()))
     assert {r["file_name"] for r in json.loads((tmp_path / "o5" / "detections.json").read_text())} == {"a_good.jpg"}
 
 
@@ -247,3 +257,16 @@ def test_image_ids_and_output_names():
     assert predict.image_ids([Path("a/1.jpg"), Path("b/001.jpg")]) == [1, 2]  # the same number twice
     assert predict.image_ids([Path("cat.jpg"), Path("7.jpg")]) == [1, 2]
     assert predict.output_names([Path("a/x.jpg"), Path("b/x.png"), Path("y.jpg")]) == ["x", "x-2", "y"]
+
+
+def test_label_tags_do_not_cover_each_other():
+    """Two boxes with the same top edge (a duplicate): the better one's tag sits above, the other moves inside."""
+    boxes = np.array([[10.0, 40.0, 90.0, 90.0], [12.0, 40.0, 88.0, 95.0], [5.0, 0.0, 50.0, 30.0]])
+    tags = layout_tags(boxes, [(60, 12)] * 3, [0.5, 0.9, 0.7], (100, 100))
+    assert tags[1] == (12.0, 28.0, 60, 12)  # best score: above its box
+    assert tags[0] == (10.0, 40.0, 60, 12)  # inside its top, not over the best one's tag
+    assert tags[2] == (5.0, 0.0, 60, 12)  # no room above the image's top edge: inside
+    for i in range(3):
+        for j in range(i):
+            (xi, yi, wi, hi), (xj, yj, wj, hj) = tags[i], tags[j]
+            assert xi + wi <= xj or xj + wj <= xi or yi + hi <= yj or yj + hj <= yi

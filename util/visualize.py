@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import font_manager, patheffects  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from PIL import Image, ImageDraw, ImageFilter, ImageFont  # noqa: E402
 
 from models.attention_maps import CoAttentionMaps  # noqa: E402
 
@@ -44,22 +44,46 @@ def draw_detections(image: Image.Image, boxes: np.ndarray, category_ids: Sequenc
     # nearest: an enlarged small image shows its actual pixels (and its PNG stays small)
     canvas = image.convert("RGB").resize(size, Image.NEAREST) if scale != 1 else image.convert("RGB")
     draw = ImageDraw.Draw(canvas)
-    short = min(size)
-    line = max(2, round(short / 200))
-    font = _font(max(10, round(short / 28)))
+    line = max(2, round(min(size) / 200))
+    font = _font(max(10, round(min(size) / 28)))
+    scaled = np.asarray(boxes, dtype=float).reshape(-1, 4) * scale
+    texts = [f"{name} {score:.2f}" for name, score in zip(names, scores)]
+    text_boxes = [draw.textbbox((0, 0), text, font=font) for text in texts]  # (left, top, right, bottom)
+    sizes = [(right - left + 2 * line, bottom - top + 2 * line) for left, top, right, bottom in text_boxes]
+    tags = layout_tags(scaled, sizes, scores, size)
     order = np.argsort(np.asarray(scores, dtype=float), kind="stable")  # best last, so it is drawn on top
     for k in order:
-        x0, y0, x1, y1 = (float(v) * scale for v in boxes[k])
+        draw.rectangle(list(scaled[k]), outline=class_colour(category_ids[k]), width=line)
+    for k in order:
         colour = class_colour(category_ids[k])
-        draw.rectangle([x0, y0, x1, y1], outline=colour, width=line)
-        text = f"{names[k]} {scores[k]:.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tag_w, tag_h = right - left + 2 * line, bottom - top + 2 * line
-        tag_x = min(max(0.0, x0), max(0.0, size[0] - tag_w))
-        tag_y = y0 - tag_h if y0 - tag_h >= 0 else y0  # above the box, or inside it at the image's top edge
-        draw.rectangle([tag_x, tag_y, tag_x + tag_w, tag_y + tag_h], fill=colour)
-        draw.text((tag_x + line - left, tag_y + line - top), text, fill=_text_colour(colour), font=font)
+        x, y, w, h = tags[k]
+        draw.rectangle([x, y, x + w, y + h], fill=colour)
+        draw.text((x + line - text_boxes[k][0], y + line - text_boxes[k][1]), texts[k], fill=_text_colour(colour),
+                  font=font)
     return canvas
+
+
+def layout_tags(boxes: np.ndarray, sizes: Sequence[Tuple[float, float]], scores: Sequence[float],
+                canvas: Tuple[int, int]) -> List[Tuple[float, float, float, float]]:
+    """(x, y, w, h) of each box's label tag of size ``sizes[k]`` inside the canvas (width, height): above the box,
+    else inside its top, below it, inside its bottom, the first place free of tags already placed; the best
+    scores are placed first. boxes: (K, 4) xyxy in canvas pixels."""
+    tags: List = [None] * len(sizes)
+    placed = []
+    for k in np.argsort(-np.asarray(scores, dtype=float), kind="stable"):
+        x0, y0, x1, y1 = boxes[k]
+        w, h = sizes[k]
+        x = min(max(0.0, x0), max(0.0, canvas[0] - w))
+        spots = [y for y in (y0 - h, y0, y1, y1 - h) if 0 <= y <= canvas[1] - h] or [max(0.0, min(y0, canvas[1] - h))]
+        free = [y for y in spots if not any(_overlap((x, y, x + w, y + h), r) for r in placed)]
+        y = (free or spots)[0]
+        placed.append((x, y, x + w, y + h))
+        tags[k] = (x, y, w, h)
+    return tags
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 @dataclass
@@ -104,10 +128,16 @@ def _rgb(colour) -> Tuple[float, float, float]:
     return tuple(c / 255 for c in colour)
 
 
-def _show_image(ax, image: np.ndarray, box: np.ndarray, colour, faded: bool) -> None:
-    height, width = image.shape[:2]
-    # a faded grey copy under a heat map, so the map's colours read; the plain image otherwise
-    shown = 0.35 + 0.5 * image.mean(-1) / 255 if faded else image
+def _backdrop(image: Image.Image) -> np.ndarray:
+    """The grey copy shown under heat maps, so their colours read: luminance, compressed to [0.15, 0.9], and
+    smoothed a little (the panels are thumbnails; pixel noise would only cost file size)."""
+    grey = image.convert("L").filter(ImageFilter.GaussianBlur(radius=max(1.0, min(image.size) / 200)))
+    return 0.15 + 0.75 * np.asarray(grey, dtype=np.float32) / 255
+
+
+def _show_image(ax, shown: np.ndarray, box: np.ndarray, colour) -> None:
+    """An RGB image, or a (H, W) backdrop in grey, with the detection's box."""
+    height, width = shown.shape[:2]
     ax.imshow(shown, cmap="gray", vmin=0, vmax=1, extent=(0, width, height, 0), interpolation="bilinear")
     ax.add_patch(plt.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
                                edgecolor=_rgb(colour), linewidth=1.5))
@@ -129,7 +159,7 @@ def _mark(ax, xy, label: Optional[str] = None) -> None:
     ax.plot(*xy, marker="+", markersize=9, markeredgewidth=2.2, color="black")
     ax.plot(*xy, marker="+", markersize=8, markeredgewidth=1.2, color="white")
     if label is not None:
-        ax.annotate(label, xy, xytext=(3, 3), textcoords="offset points", fontsize=7, color="white",
+        ax.annotate(label, xy, xytext=(2, 2), textcoords="offset points", fontsize=6, color="white",
                     fontweight="bold", path_effects=[patheffects.withStroke(linewidth=2, foreground="black")])
 
 
@@ -140,6 +170,7 @@ def plot_attention(image: Image.Image, rows: List[AttentionRow], path, dpi: int 
     exp(G) on a fixed [0, 1] scale; '+' marks each head's centre. The first column shows the image with the
     detection's box (and, in the prior row, all head centres, numbered)."""
     pixels = np.asarray(image.convert("RGB"))
+    backdrop = _backdrop(image)
     height, width = pixels.shape[:2]
     nhead = rows[0].panels.attention.shape[0]
     kinds = [("attention", "prior") if _uses_prior(row.panels) else ("attention",) for row in rows]
@@ -155,7 +186,7 @@ def plot_attention(image: Image.Image, rows: List[AttentionRow], path, dpi: int 
                        fontweight="bold", color=_rgb(_darker(row.colour)))
         axes = block.subplots(len(row_kinds), nhead + 1, squeeze=False)
         for axes_row, kind in zip(axes, row_kinds):
-            _draw_row(axes_row, kind, row, pixels)
+            _draw_row(axes_row, kind, row, pixels, backdrop)
     fig.canvas.draw()
     rgb = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
     plt.close(fig)
@@ -175,12 +206,12 @@ def _darker(colour) -> Tuple[int, int, int]:
     return tuple(round(c * factor) for c in colour)
 
 
-def _draw_row(axes_row, kind: str, row: AttentionRow, pixels: np.ndarray) -> None:
+def _draw_row(axes_row, kind: str, row: AttentionRow, pixels: np.ndarray, backdrop: np.ndarray) -> None:
     p = row.panels
-    _show_image(axes_row[0], pixels, row.box, row.colour, faded=False)
+    _show_image(axes_row[0], pixels, row.box, row.colour)
     axes_row[0].set_ylabel("co-attention" if kind == "attention" else "prior exp(G)", fontsize=8)
     for m, ax in enumerate(axes_row[1:]):
-        _show_image(ax, pixels, row.box, row.colour, faded=True)
+        _show_image(ax, backdrop, row.box, row.colour)
         if kind == "attention":
             peak = float(p.attention[m].max())
             _overlay(ax, p.attention[m] / max(peak, 1e-12), "inferno", p.extent)
