@@ -7,8 +7,9 @@
 
 main.py flags after '--' are added to every run (after the sweep file's own flags).
 
-Runs whose <root>/<name>/finished.json exists are skipped; the others (new or interrupted) are
-submitted with --resume auto, so submitting the same sweep again continues where it stopped.
+Runs that are finished (<root>/<name>/finished.json for their --epochs) or live (a job trains them now) are
+skipped, saying which; the others (new or interrupted) are submitted with --resume auto, so submitting the
+same sweep again, also while some of its jobs still run, continues where it stopped.
 submitit's pickles and logs go to --job_dir (default <root>/submitit).
 """
 import argparse
@@ -21,7 +22,10 @@ if __package__ in (None, ""):
 
 from experiments.sweeps import Run, read_sweep, validate  # noqa: E402
 from slurm.common import Trainer, add_slurm_args, check_slurm_args, make_executor  # noqa: E402
+from util import run_folder  # noqa: E402
 from util.errors import UserError  # noqa: E402
+
+SKIPPED = {run_folder.STATUS_FINISHED: "finished", run_folder.STATUS_LIVE: "live"}
 
 
 def get_parser():
@@ -35,11 +39,10 @@ def get_parser():
 
 
 def plan(args, extra=()):
-    """[(run, argv for main.py, finished?)] for the selected runs, in file order; ``extra`` main.py flags
-    are appended to every run (validated with it)."""
+    """[(run, argv for main.py, status code, status line)] for the selected runs, in file order (status:
+    util.run_folder.status); ``extra`` main.py flags are appended to every run (validated with it)."""
     runs = [Run(run.name, run.argv + list(extra), run.line) for run in read_sweep(args.sweep_file)]
-    for run in runs:
-        validate(run, args.sweep_file)
+    parsed = {run.name: validate(run, args.sweep_file) for run in runs}
     if args.only:
         unknown = sorted(set(args.only) - {run.name for run in runs})
         if unknown:
@@ -47,7 +50,8 @@ def plan(args, extra=()):
                             f"(runs: {' '.join(run.name for run in runs)})")
         runs = [run for run in runs if run.name in args.only]
     root = Path(args.root).resolve()
-    return [(run, run.command_argv(root) + ["--resume", "auto"], (root / run.name / "finished.json").exists())
+    return [(run, run.command_argv(root) + ["--resume", "auto"],
+             *run_folder.status(root / run.name, parsed[run.name].epochs, parsed[run.name].owner_timeout))
             for run in runs]
 
 
@@ -63,16 +67,16 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         return 2
     pending = []
-    for run, run_argv, finished in todo:
-        if finished:
-            print(f"skip (finished): {run.name}")
+    for run, run_argv, status, line in todo:
+        if status in SKIPPED:
+            print(f"skip ({SKIPPED[status]}): {run.name}: {line}")
         elif args.dry_run:
             print(shlex.join(["python", "main.py", *run_argv]))
         else:
             pending.append((run, run_argv))
     if args.dry_run or not pending:
         if not args.dry_run:
-            print("nothing to submit: every selected run is finished")
+            print("nothing to submit: every selected run is finished or live")
         return 0
     job_dir = Path(args.job_dir).resolve() if args.job_dir else Path(args.root).resolve() / "submitit"
     executor = make_executor(args, job_dir)

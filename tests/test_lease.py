@@ -180,26 +180,26 @@ def _status(*args):
 def test_status_cli_says_new_finished_live_and_dead(tmp_path):
     folder = tmp_path / "run"
     result = _status(folder)
-    assert (result.returncode, result.stdout) == (0, f"free: {folder} (no run yet)\n")
+    assert (result.returncode, result.stdout) == (0, f"{folder} is free (no run yet)\n")
     folder.mkdir()
     (folder / "log.txt").write_text('{"epoch": 0}\n')
     (folder / run_folder.FINISHED).write_text(json.dumps({"epochs": 2, "metrics": {}}))
     result = _status(folder, "--epochs", "2")
-    assert (result.returncode, result.stdout) == (3, f"finished: {folder} finished 2 epochs (finished.json)\n")
+    assert (result.returncode, result.stdout) == (3, f"{folder} finished 2 epochs (finished.json)\n")
     result = _status(folder, "--epochs", "5")
-    assert (result.returncode, result.stdout) == (0, f"free: {folder} (finished 2 epochs; --epochs 5 extends it)\n")
+    assert (result.returncode, result.stdout) == (0, f"{folder} is free (finished 2 epochs; --epochs 5 extends it)\n")
     (folder / run_folder.FINISHED).unlink()
 
     owner = _holder(folder)
     try:
         result = _status(folder)
         assert result.returncode == 4
-        assert result.stdout.startswith(f"live: {folder} is in use by another run (host ")
+        assert result.stdout.startswith(f"{folder} is in use by another run (host ")
         assert f"pid {owner.pid} is running on this host" in result.stdout
     finally:
         owner.kill()
     result = _status("--", "--output_dir", folder, "--epochs", "3")  # main.py's flags, as the sbatch scripts pass
     assert result.returncode == 0
-    assert result.stdout.startswith(f"free: {folder} (holds log.txt; --resume auto continues it; its last owner (")
+    assert result.stdout.startswith(f"{folder} is free (holds log.txt; --resume auto continues it; its last owner (")
     assert result.stdout.endswith(f"is dead: pid {owner.pid} is gone from this host)\n")
     assert _status().returncode == 2

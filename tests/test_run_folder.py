@@ -7,7 +7,6 @@ import shutil
 import signal
 import time
 
-import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -41,10 +40,11 @@ def copy_run(finished_tiny_run, tmp_path):
     return copy, [str(copy) if a == str(folder) else a for a in argv]
 
 
-BUSY = re.compile(r"error: --output_dir (?P<dir>\S+) is in use by another run \(host \S+, pid (?P<pid>\d+), since "
-                  r"\S+; pid (?P=pid) is running on this host \(its heartbeat is \d+ s old\)\); wait for it to finish, "
-                  r"stop it \(kill (?P=pid) on \S+\) or choose another --output_dir; a dead owner is taken over at once "
-                  r"on its own host or by its requeued Slurm job, else after --owner_timeout 600 s without a heartbeat")
+BUSY = re.compile(r"error: --output_dir (?P<dir>\S+) is in use by another run \(host \S+, pid (?P<pid>\d+), "
+                  r"since \S+; pid (?P=pid) is running on this host \(its heartbeat is \d+ s old\)\); wait for it "
+                  r"to finish, stop it \(kill (?P=pid) on \S+\) or choose another --output_dir; a dead owner is taken "
+                  r"over at once on its own host or by its requeued Slurm job, else after --owner_timeout 600 s "
+                  r"without a heartbeat")
 
 
 def test_second_run_on_a_live_folder_refuses_started_together_or_later(tmp_path, cli_synthetic_root):

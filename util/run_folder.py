@@ -12,7 +12,8 @@ launchers' skip check (README, "Run folders").
   temporary files of interrupted saves) wait for ``RunFolder.prepare()``, called once every input was
   checked, so a run that fails on a bad flag or dataset loses nothing.
 
-CLI for the sbatch scripts, one line and an exit code (0 start or resume, 3 finished, 4 live, 2 error):
+CLI for the sbatch scripts: one line saying why, and the exit code (0: free to start or resume, 3: finished,
+4: live, 2: error):
 
     python -m util.run_folder status DIR [--epochs N] [--owner_timeout S]
     python -m util.run_folder status -- MAIN_PY_FLAGS...     # DIR and --epochs taken from main.py's flags
@@ -215,20 +216,20 @@ def status(folder, epochs: Optional[int] = None, timeout_s: float = leases.DEFAU
     folder = Path(folder)
     done = finished_epochs(folder)
     if done is not None and (epochs is None or epochs <= done):
-        return STATUS_FINISHED, f"finished: {folder} finished {_epochs(done)} ({FINISHED})"
+        return STATUS_FINISHED, f"{folder} finished {_epochs(done)} ({FINISHED})"
     holder = leases.read_holder(folder)
     note = ""
     if holder is not None:
         dead, reason = leases.judge(holder, leases.Owner.me(), timeout_s)
         owner = holder.owner.describe() if holder.owner else "an unknown owner"
         if not dead:
-            return STATUS_LIVE, f"live: {folder} is in use by another run ({owner}; {reason})"
+            return STATUS_LIVE, f"{folder} is in use by another run ({owner}; {reason})"
         note = f"; its last owner ({owner}) is dead: {reason}"
     files = run_files(folder)
     state = (f"holds {', '.join(files)}; --resume auto continues it" if files else "no run yet")
     if done is not None:
         state = f"finished {_epochs(done)}; --epochs {epochs} extends it"
-    return STATUS_GO, f"free: {folder} ({state}{note})"
+    return STATUS_GO, f"{folder} is free ({state}{note})"
 
 
 def _status_cli(argv) -> int:
