@@ -67,7 +67,14 @@ def _val_sampler(dataset_val):
     return SequentialSampler(dataset_val)
 
 
-def _loaders(args, dataset_train, dataset_val):
+@dataclass
+class Loaders:
+    sampler_train: engine.ResumableSampler
+    train: DataLoader
+    val: DataLoader
+
+
+def _loaders(args, dataset_train, dataset_val) -> Loaders:
     world, rank = dist.get_world_size(), dist.get_rank()
     # a seeded DistributedSampler also for one process: the data order depends only on (seed, epoch),
     # so a resumed run sees exactly the batches a straight run would
@@ -82,13 +89,6 @@ def _loaders(args, dataset_train, dataset_val):
         raise UserError(f"the training set has {len(dataset_train)} images, fewer than --batch_size "
                         f"{args.batch_size} x {world} processes; lower --batch_size")
     return Loaders(sampler_train, loader_train, loader_val)
-
-
-@dataclass
-class Loaders:
-    sampler_train: engine.ResumableSampler
-    train: DataLoader
-    val: DataLoader
 
 
 @dataclass
@@ -164,9 +164,10 @@ class Trainer:
 def _log_epoch(line: str) -> Optional[int]:
     """The epoch of a log.txt line; None for a line torn by a kill or a full disk."""
     try:
-        return json.loads(line).get("epoch", -1)
+        entry = json.loads(line)
     except ValueError:
         return None
+    return entry.get("epoch", -1) if isinstance(entry, dict) else None
 
 
 def _truncate_log(path: Path, start_epoch: int, checkpointed: Optional[dict] = None) -> None:

@@ -201,8 +201,8 @@ def check_args(args) -> None:
         raise UserError(f"--amp uses bf16 autocast on CUDA; --device is {args.device}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} but CUDA is not available; use --device cpu")
-    if args.skip_nonfinite < 0 or args.max_iters_per_epoch < 0 or args.start_epoch < 0:
-        raise UserError("--skip_nonfinite, --max_iters_per_epoch and --start_epoch must be >= 0")
+    if min(args.skip_nonfinite, args.max_iters_per_epoch, args.start_epoch, args.num_workers) < 0:
+        raise UserError("--skip_nonfinite, --max_iters_per_epoch, --start_epoch and --num_workers must be >= 0")
     if args.eval and not (args.resume or args.finetune_from or args.eval_untrained):
         raise UserError("--eval scores trained weights but no --resume PATH was given; pass --resume PATH|URL (or "
                         "--finetune_from PATH), or --eval_untrained to score the untrained model on purpose")

@@ -1,5 +1,6 @@
 """The run-folder lease (util/lease.py) on real files with real processes: who wins, when a dead owner is taken
 over, the heartbeat, and the launchers' status CLI (util/run_folder.py)."""
+import errno
 import json
 import os
 import subprocess
@@ -203,3 +204,33 @@ def test_status_cli_says_new_finished_live_and_dead(tmp_path):
     assert result.stdout.startswith(f"{folder} is free (holds log.txt; --resume auto continues it; its last owner (")
     assert result.stdout.endswith(f"is dead: pid {owner.pid} is gone from this host)\n")
     assert _status().returncode == 2
+
+
+def test_a_lease_file_removed_by_hand_is_put_back(tmp_path):
+    held = leases.acquire(tmp_path, heartbeat_s=0.1)
+    try:
+        (tmp_path / leases.LEASE_NAME).unlink()
+        deadline = time.monotonic() + CAP_S
+        while leases.read_holder(tmp_path) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert leases.read_holder(tmp_path).owner.token == held.owner.token and held.lost is None
+    finally:
+        held.release()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_filesystem_without_hard_links_still_gets_one_owner(tmp_path, monkeypatch, no_slurm):
+    # Emulated (no such filesystem here): CIFS and some FUSE mounts refuse link() with EPERM.
+    def refuse_link(*args):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(leases.os, "link", refuse_link)
+    held = leases.acquire(tmp_path)
+    try:
+        assert leases.read_holder(tmp_path).owner.token == held.owner.token
+        with pytest.raises(leases.LeaseBusy) as busy:
+            leases.acquire(tmp_path)
+        assert busy.value.reason.startswith(f"pid {os.getpid()} is running on this host")
+    finally:
+        held.release()
+    assert list(tmp_path.iterdir()) == []

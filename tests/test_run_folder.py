@@ -2,6 +2,7 @@
 a killed run resumes at once, finished runs are final (and extendable), --overwrite, leftovers of killed saves."""
 import hashlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -100,6 +101,10 @@ def test_a_killed_run_resumes_at_once_and_its_leftovers_go(tmp_path, cli_synthet
     # what a kill during a checkpoint save leaves (util.checkpoint.atomic_save's temporary name)
     leftover = out / f".checkpoint.pth.{killed.pid}.0123abcd.tmp"
     leftover.write_bytes(b"\0" * 2**20)
+    # and what a kill between writing a lease record and linking it leaves (util.lease.acquire), long ago
+    stale = out / f"{LEASE_NAME}.deadbeefdeadbeef.tmp"
+    stale.write_text("{}")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
 
     resumed = run_main(argv)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -108,9 +113,10 @@ def test_a_killed_run_resumes_at_once_and_its_leftovers_go(tmp_path, cli_synthet
     assert len(taking) == 1 and re.fullmatch(
         rf"taking over {out} from host \S+, pid {killed.pid}, since \S+: pid {killed.pid} is gone from this host",
         taking[0]), taking
-    assert (f"removed 1 temporary files (1.0 MiB) left by interrupted writes in {out}: {leftover.name}") in lines
+    assert (f"removed 2 temporary files (1.0 MiB) left by interrupted writes in {out}: {leftover.name}, "
+            f"{stale.name}") in lines
     assert f"resumed from {out / 'checkpoint.pth'} at epoch 1" in lines
-    assert not leftover.exists() and not (out / LEASE_NAME).exists()
+    assert not leftover.exists() and not stale.exists() and not (out / LEASE_NAME).exists()
     assert logged_epochs(out) == [0, 1]
     assert train_steps(out) == [1, 2, 3, 4]
 
@@ -183,3 +189,15 @@ def test_overwrite_and_resume_exclude_each_other(tmp_path):
     assert result.returncode == 2
     assert result.stderr == ("error: --overwrite starts over but --resume auto continues the run in --output_dir; "
                              "pass one of them (python main.py --help lists the flags)\n")
+
+
+def test_resume_auto_refuses_a_run_whose_checkpoint_is_gone(finished_tiny_run, tmp_path):
+    folder, argv = copy_run(finished_tiny_run, tmp_path)
+    (folder / "checkpoint.pth").unlink()
+    before = snapshot(folder)
+    result = run_main([*argv, "--resume", "auto", "--epochs", "2"])
+    assert result.returncode == 2
+    assert result.stderr == (f"error: --output_dir {folder} holds a run that logged 1 epoch but has no checkpoint.pth "
+                             f"to resume from; restore it (or --resume one of its checkpoint*.pth), or pass "
+                             f"--overwrite instead of --resume auto to start over\n")
+    assert snapshot(folder) == before

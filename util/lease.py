@@ -29,6 +29,7 @@ Otherwise it is live. The timeout should cover long stalls (NFS attribute cachin
 clocks of the nodes are assumed to agree to well within it (NTP).
 """
 import datetime
+import errno
 import json
 import os
 import re
@@ -239,14 +240,27 @@ class Lease:
     def _beat(self, every_s: float) -> None:
         while not self._stop.wait(every_s):
             holder = read_holder(self.folder)
+            if holder is None and self._relink():
+                continue  # someone removed the file by hand; nobody else took the folder
             if holder is None or holder.owner is None or holder.owner.token != self.owner.token:
-                taker = holder.owner.describe() if holder and holder.owner else "nobody (the file was removed)"
+                holder = holder or read_holder(self.folder)
+                taker = holder.owner.describe() if holder and holder.owner else "an unreadable owner record"
                 self.lost = f"the lease {self.path} now names {taker}"
                 return
             try:
                 os.utime(self.path)
             except OSError:
                 pass  # a hiccup of the filesystem: the next beat tries again; the timeout is generous
+
+    def _relink(self) -> bool:
+        tmp = self.folder / f"{LEASE_NAME}.{self.owner.token}.tmp"
+        try:
+            _write_synced(tmp, self.owner.to_json())
+            return _link(tmp, self.path, self.owner.to_json())
+        except OSError:
+            return False
+        finally:
+            _unlink_quietly(tmp)
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still ours."""
@@ -272,7 +286,7 @@ def acquire(folder, timeout_s: float = DEFAULT_TIMEOUT_S, heartbeat_s: float = H
     _write_synced(tmp, me.to_json())
     try:
         for _ in range(_ATTEMPTS):
-            if _link(tmp, path):
+            if _link(tmp, path, me.to_json()):
                 holder = read_holder(folder)
                 if holder is not None and holder.owner is not None and holder.owner.token == me.token:
                     return Lease(folder, me, heartbeat_s)
@@ -294,6 +308,19 @@ def acquire(folder, timeout_s: float = DEFAULT_TIMEOUT_S, heartbeat_s: float = H
         _unlink_quietly(tmp)
 
 
+def leftover_files(folder) -> list[str]:
+    """Names of temporary and break files of acquisitions that were killed midway (older than BREAK_STALE_S,
+    so no live acquisition still uses them)."""
+    folder, found = Path(folder), []
+    for path in folder.glob(f"{LEASE_NAME}.*"):
+        try:
+            if time.time() - path.stat().st_mtime > BREAK_STALE_S:
+                found.append(path.name)
+        except FileNotFoundError:
+            pass
+    return sorted(found)
+
+
 def _write_synced(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     with os.fdopen(fd, "w") as f:
@@ -302,13 +329,27 @@ def _write_synced(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _link(tmp: Path, path: Path) -> bool:
+def _link(tmp: Path, path: Path, text: str) -> bool:
+    """Put the complete file ``tmp`` (holding ``text``) at ``path`` unless ``path`` exists; True if done."""
     try:
         os.link(tmp, path)
         return True
     except FileExistsError:
         # NFS: a retransmitted link whose first reply was lost fails with EEXIST although it worked
         return os.stat(tmp).st_nlink == 2
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+    # a filesystem without hard links: exclusive create; a reader may briefly see a partial record, which
+    # counts as an unreadable lease with a fresh heartbeat, i.e. live
+    try:
+        _write_synced(path, text)
+        return True
+    except FileExistsError:
+        return False
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
 
 
 def _break(folder: Path, holder: Holder, me: Owner) -> bool:

@@ -65,6 +65,14 @@ def finished_epochs(folder) -> Optional[int]:
         return None
 
 
+def _logged_epochs(folder: Path) -> int:
+    """How many lines log.txt holds (epochs logged), 0 without the file."""
+    try:
+        return sum(1 for line in (folder / "log.txt").read_text().splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError):
+        return 0
+
+
 def continues_folder(args) -> bool:
     """Does this start continue the run in --output_dir: --resume auto, or --resume one of its files."""
     if args.resume == "auto":
@@ -119,7 +127,7 @@ class RunFolder:
             _remove(self.path, [FINISHED])
             print(f"extending the finished run in {self.path} from {done} to {self.args.epochs} epochs")
         temps = [os.path.basename(p) for p in ckpt.leftover_temp_files(self.path)]
-        temps += _matching(self.path, _OTHER_TEMPS)
+        temps += _matching(self.path, _OTHER_TEMPS) + leases.leftover_files(self.path)
         size = sum(_size(self.path / n) for n in temps)
         removed = _remove(self.path, temps)
         if removed:
@@ -162,7 +170,16 @@ def _verdict(folder: Path, args) -> tuple[str, str]:
         return "run", ""
     if continues_folder(args):
         line = _finished_line(folder, args.epochs)
-        return ("finished", line) if line else ("run", "")
+        if line:
+            return "finished", line
+        logged = _logged_epochs(folder)
+        if args.resume == "auto" and logged and not (folder / "checkpoint.pth").exists():
+            # log lines are written after their checkpoint: the checkpoint was removed, and starting from
+            # scratch would drop the logged epochs
+            return "refuse", (f"--output_dir {folder} holds a run that logged {_epochs(logged)} but has no "
+                              f"checkpoint.pth to resume from; restore it (or --resume one of its checkpoint*.pth), "
+                              f"or pass --overwrite instead of --resume auto to start over")
+        return "run", ""
     existing = run_files(folder)
     if existing and not args.overwrite:
         shown = ", ".join(existing[:4]) + (f" and {len(existing) - 4} more" if len(existing) > 4 else "")
@@ -201,9 +218,16 @@ def _decide(args) -> tuple[str, str, Optional[leases.Lease]]:
 def claim(args) -> Optional[RunFolder]:
     """Call on every rank before anything is written into --output_dir. Returns the owned RunFolder,
     or None when the run is already finished (the line is printed); raises UserError when refused."""
-    kind, line, lease = _decide(args) if dist.is_main_process() else (None, None, None)
+    kind, line, lease, failure = None, None, None, None
+    if dist.is_main_process():
+        try:
+            kind, line, lease = _decide(args)
+        except Exception as e:  # the other ranks wait for the decision: tell them before raising
+            kind, line, failure = "failed", f"rank 0 could not claim --output_dir {args.output_dir} ({e})", e
     kind, line = dist.broadcast_object((kind, line))
-    if kind == "refuse":
+    if failure is not None:
+        raise failure
+    if kind in ("refuse", "failed"):
         raise UserError(line)
     if kind == "finished":
         print(line)
