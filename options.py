@@ -13,7 +13,7 @@ import os
 import torch
 
 import datasets
-from util import run_folder
+from util import lease, run_folder
 from util.errors import UserError
 
 DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
@@ -149,7 +149,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an --output_dir that holds a run: deletes its checkpoints, logs and events")
-    parser.add_argument("--owner_timeout", default=600.0, type=number(0.0, low_open=True), metavar="SECONDS",
+    parser.add_argument("--owner_timeout", default=lease.DEFAULT_TIMEOUT_S, type=number(0.0, low_open=True),
+                        metavar="SECONDS",
                         help="a run folder's owner on another host without a heartbeat for this long is taken over "
                              "(README: Run folders)")
     parser.add_argument("--eval", action="store_true", help="evaluate the weights of --resume and exit")

@@ -121,7 +121,7 @@ def test_nan_learning_rate_fails_at_parse_time():
 
 @pytest.mark.parametrize("flag, value, wanted", [
     ("--lr", "-1e-4", ">= 0"), ("--lr_backbone", "inf", ">= 0"), ("--weight_decay", "-0.1", ">= 0"),
-    ("--clip_max_norm", "nan", ">= 0"), ("--dropout", "1", "in [0, 1)"), ("--smooth", "0", "> 0"),
+    ("--clip_max_norm", "nan", ">= 0"), ("--dropout", "1", "in [0, 1)"), ("--smooth", "0", "> 0"), ("--smooth", "-2", "> 0"),
     ("--focal_alpha", "1.5", "in [0, 1]"), ("--focal_gamma", "-2", ">= 0"), ("--set_cost_bbox", "-inf", ">= 0"),
     ("--giou_loss_coef", "nan", ">= 0"), ("--eos_coef", "-0.1", ">= 0"), ("--owner_timeout", "0", "> 0"),
 ])

@@ -277,6 +277,24 @@ def test_train_sbatch_skips_a_finished_run_and_a_live_one(slurm_cluster, tmp_pat
     assert sorted(p.name for p in finished.iterdir()) == ["finished.json"]
 
 
+def test_every_rank_of_a_refused_run_exits_2_before_writing(slurm_cluster, tmp_path, one_epoch_flags):
+    out = tmp_path / "run"
+    holder = _hold_lease(out)
+    try:
+        # no --kill-on-bad-exit: each rank must stop by itself (rank 0 decides, the decision is broadcast)
+        proc = slurm_cluster.run(["srun", "-n", "2", PY, "main.py", *one_epoch_flags, "--output_dir", str(out)],
+                                 cwd=REPO, check=False, timeout=WAIT_S)
+        assert sorted(p.name for p in out.iterdir()) == [".owner.json"]  # the holder's, nothing else
+    finally:
+        holder.proc.stdin.close()
+        holder.finish()
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: --output_dir {out} is in use by another run (host ")
+    assert f"pid {holder.pid}," in errors[0]
+    assert re.search(r"srun: error: \S+: tasks 0-1: Exited with exit code 2", proc.stderr), proc.stderr
+
+
 def test_owner_on_another_host_is_judged_by_its_slurm_job(slurm_cluster, tmp_path):
     """From another host only Slurm (or the heartbeat timeout) can tell: a job that ended frees the folder."""
     ended = slurm_cluster.sbatch([*CPU_NODE, "--wrap", "true", f"--output={tmp_path}/true.out"])

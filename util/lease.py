@@ -18,6 +18,9 @@ those filesystems too:
   that the lease still holds T; then it links its own lease like a free one. Tokens are random and never
   reused, so a lease cannot be removed by someone who judged an older owner. A breaker that dies leaves
   its break file: it is ignored once older than ``BREAK_STALE_S``.
+- a filesystem without hard links: the lease is created with O_CREAT|O_EXCL instead; a reader that sees
+  it half-written finds an unreadable lease with a fresh heartbeat, which counts as live.
+- a lease file removed by hand while its owner runs is linked back by the owner's next heartbeat.
 
 Whether an owner is dead (``judge``), in this order:
 1. same host (host name, boot and pid namespace): its pid is gone, or now belongs to a younger
@@ -52,7 +55,7 @@ BREAK_STALE_S = 60.0
 _ATTEMPTS = 20  # rounds of "someone else moved first" before giving up on acquiring
 # Slurm job states in which the job's processes may still run (anything else: they are gone).
 _SLURM_ALIVE = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT",
-                "RESIZING", "REQUEUE_HOLD"}
+                "RESIZING"}
 
 
 def _read_text(path: str) -> Optional[str]:

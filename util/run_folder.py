@@ -111,7 +111,8 @@ class RunFolder:
         """Raise UserError when another process took the folder over (our heartbeat was judged dead)."""
         if self.lease is not None and self.lease.lost:
             raise UserError(f"stopped without writing: this run no longer owns {self.path} ({self.lease.lost}); "
-                            f"its heartbeat had stopped for longer than --owner_timeout")
+                            f"another process judged it dead (e.g. after a stall longer than --owner_timeout) and "
+                            f"took the folder over")
 
     def prepare(self) -> None:
         """The destructive steps of a start, right before its first write (rank 0; see the module docstring)."""
