@@ -39,10 +39,11 @@ class NonFiniteLoss(UserError):
 def nonfinite_outputs(outputs: dict) -> List[str]:
     """Names of the model outputs holding a NaN or inf ('pred_boxes', 'aux_outputs[0].pred_logits', ...).
     Checked before the loss: the matcher's GIoU asserts on NaN boxes, and scipy refuses NaN costs."""
-    bad = [k for k, v in outputs.items() if isinstance(v, torch.Tensor) and not torch.isfinite(v).all()]
+    named = [(k, v) for k, v in outputs.items() if isinstance(v, torch.Tensor)]
     for i, aux in enumerate(outputs.get("aux_outputs", [])):
-        bad += [f"aux_outputs[{i}].{k}" for k, v in aux.items() if not torch.isfinite(v).all()]
-    return bad
+        named += [(f"aux_outputs[{i}].{k}", v) for k, v in aux.items()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist()  # one device sync per step
+    return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
 def _nonfinite_on_any_rank(outputs: dict, device: torch.device) -> List[str]:
