@@ -121,7 +121,8 @@ def test_nan_learning_rate_fails_at_parse_time():
 
 @pytest.mark.parametrize("flag, value, wanted", [
     ("--lr", "-1e-4", ">= 0"), ("--lr_backbone", "inf", ">= 0"), ("--weight_decay", "-0.1", ">= 0"),
-    ("--clip_max_norm", "nan", ">= 0"), ("--dropout", "1", "in [0, 1)"), ("--smooth", "0", "> 0"), ("--smooth", "-2", "> 0"),
+    ("--clip_max_norm", "nan", ">= 0"), ("--dropout", "1", "in [0, 1)"), ("--smooth", "0", "> 0"),
+    ("--smooth", "-2", "> 0"),
     ("--focal_alpha", "1.5", "in [0, 1]"), ("--focal_gamma", "-2", ">= 0"), ("--set_cost_bbox", "-inf", ">= 0"),
     ("--giou_loss_coef", "nan", ">= 0"), ("--eos_coef", "-0.1", ">= 0"), ("--owner_timeout", "0", "> 0"),
 ])
@@ -171,3 +172,57 @@ def test_eval_needs_trained_weights_unless_asked(tmp_path, cli_synthetic_root):
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(json.loads((out / "eval.json").read_text())["coco_eval_bbox"]) == 12
     assert sorted(os.listdir(out)) == ["eval.json"]
+
+
+# ------------------------------------------------------------------------------ non-finite on one rank only
+
+def _nonfinite_worker(rank, port, out_dir, skip):
+    from tests import test_distributed as td
+    import engine
+    from util import dist as udist
+    from util.misc import nested_tensor_from_tensor_list
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(td.WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    args = td._args()
+    udist.init_distributed_mode(args)
+    try:
+        model, criterion = td._model(args)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        images, targets = td._batch()
+        mine, their_targets = images[rank * td.PER_RANK:(rank + 1) * td.PER_RANK], targets[rank * td.PER_RANK:]
+        poisoned = [image.clone() for image in mine]
+        if rank == 1:
+            poisoned[0].fill_(float("nan"))  # only rank 1's first batch diverges
+        batches = [(nested_tensor_from_tensor_list(poisoned), tuple(their_targets[:td.PER_RANK])),
+                   (nested_tensor_from_tensor_list(mine), tuple(their_targets[:td.PER_RANK]))]
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+        try:
+            result = engine.train_one_epoch(ddp, criterion, batches, optimizer, torch.device("cpu"), 0,
+                                            skip_nonfinite=skip, log_every=1)
+            outcome = {"skipped": result.skipped, "steps": result.step}
+        except engine.NonFiniteLoss as e:
+            outcome = {"error": str(e)}
+        torch.save({"outcome": outcome, "state": model.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        udist.cleanup()
+
+
+@pytest.mark.parametrize("skip", [0, 1], ids=["stop", "skip"])
+def test_nonfinite_output_on_one_rank_takes_the_same_path_on_every_rank(tmp_path, skip):
+    """Every rank must stop, or skip the same batch, together: otherwise the others wait in DDP forever."""
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import WORLD, _free_port
+    mp.spawn(_nonfinite_worker, args=(_free_port(), str(tmp_path), skip), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    if skip:
+        assert [r["outcome"] for r in ranks] == [{"skipped": 1, "steps": 1}] * WORLD
+        for name, value in ranks[0]["state"].items():
+            torch.testing.assert_close(ranks[1]["state"][name], value, msg=name)  # the same step on both ranks
+    else:
+        stopped = ("at epoch 0, iteration 0; stopped, the last checkpoint is untouched (--skip_nonfinite N skips "
+                   "such batches)")
+        assert ranks[0]["outcome"] == {"error": f"non-finite model output (on another rank) {stopped}"}
+        assert ranks[1]["outcome"] == {"error": "non-finite model output (pred_logits, pred_boxes, "
+                                                f"aux_outputs[0].pred_logits, aux_outputs[0].pred_boxes) {stopped}"}
