@@ -46,11 +46,12 @@ class FixedScale(nn.Module):
         return dx2 + dy2  # (B, nhead, Q, H, W)
 
 
-class _LearnedScale(nn.Module):
+class LearnedScale(nn.Module):
     """Scales ``Linear(d -> k * nhead)(u) ** 2``, ``k`` per head, laid out per head: view(B, Q, nhead, k).
     Weight 0 and bias 1 at start (the spec's rule), so every scale is 1: type2 and type3 then equal type1
     exactly. type4's coupling scale c is 1 too, so it starts at type1 + dx^2 dy^2; a zero start would freeze
-    c for good (the gradient of a square at 0 is 0)."""
+    c for good (the gradient of a square at 0 is 0). The Transformer's xavier pass calls
+    ``reset_parameters`` again after it has drawn every other weight."""
 
     num_scales: int
 
@@ -58,6 +59,9 @@ class _LearnedScale(nn.Module):
         super().__init__()
         self.nhead = nhead
         self.proj = nn.Linear(d_model, self.num_scales * nhead)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         nn.init.zeros_(self.proj.weight)
         nn.init.ones_(self.proj.bias)
 
@@ -72,7 +76,7 @@ class _LearnedScale(nn.Module):
         return self.distance(s, dx2, dy2)
 
 
-class HeadScale(_LearnedScale):
+class HeadScale(LearnedScale):
     """type2: one scale per head, ``D = a (dx^2 + dy^2)``."""
 
     num_scales = 1
@@ -81,7 +85,7 @@ class HeadScale(_LearnedScale):
         return s[..., 0] * (dx2 + dy2)
 
 
-class XYScale(_LearnedScale):
+class XYScale(LearnedScale):
     """type3: independent x and y scales per head, ``D = a dx^2 + b dy^2``."""
 
     num_scales = 2
@@ -90,7 +94,7 @@ class XYScale(_LearnedScale):
         return s[..., 0] * dx2 + s[..., 1] * dy2
 
 
-class CoupledScale(_LearnedScale):
+class CoupledScale(LearnedScale):
     """type4: ``D = a dx^2 + b dy^2 + c dx^2 dy^2``.
 
     The coupling term (product of squared offsets) reproduces the research code on purpose; it is not a

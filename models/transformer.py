@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from models.attention import ModulatedCrossAttention
-from models.spatial_prior import MLP, build_priors, mixture_mask
+from models.spatial_prior import MLP, LearnedScale, build_priors, mixture_mask
 
 
 def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
@@ -172,12 +172,6 @@ class Transformer(nn.Module):
         self.encoder = TransformerEncoder(encoder_layer, num_encoder_layers,
                                           nn.LayerNorm(d_model) if normalize_before else None)
         decoder_layer = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
-        # DETR's xavier init for the encoder and decoder layers; the SMCA modules keep their own init
-        # (the scale linears must start at weight 0, bias 1)
-        for layer in (encoder_layer, decoder_layer):
-            for p in layer.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
         if dynamic_scale == "none":
             self.decoder = TransformerDecoder(decoder_layer, num_decoder_layers, nn.LayerNorm(d_model))
         else:
@@ -185,6 +179,19 @@ class Transformer(nn.Module):
                                        num_queries, dynamic_scale, smooth, head_mixture, query_mixture)
         self.d_model = d_model
         self.nhead = nhead
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """DETR's init, after every layer exists (docs/ablation-modules.md, "Initialisation"): each parameter
+        with more than one dimension gets its own xavier draw, so cloned layers start independent. The pass
+        covers the SMCA reference MLP and offset/scale linears too (as the original code); the scale
+        linears are then reset to weight 0, bias 1 (every scale starts at 1)."""
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for module in self.modules():
+            if isinstance(module, LearnedScale):
+                module.reset_parameters()
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor,
                 extent: Tensor) -> Tuple[Tensor, Tensor]:
