@@ -78,9 +78,11 @@ class CocoDetection(torch.utils.data.Dataset):
         self.num_bad_images_skipped = 0
         # One pass over the raw annotations at build time, so the count covers
         # the whole file; targets themselves are built per item (as DETR).
-        self.num_degenerate_dropped = sum(
-            self._clipped_xyxy(a) is None for a in self.coco.dataset["annotations"]
-            if not a.get("iscrowd", 0))
+        plain = [a for a in self.coco.dataset["annotations"] if not a.get("iscrowd", 0)]
+        sizes = [self.coco.imgs.get(a["image_id"], {}) for a in plain]
+        _, keep = _clipped_xyxy([a["bbox"] for a in plain], [s.get("width", float("inf")) for s in sizes],
+                                [s.get("height", float("inf")) for s in sizes])
+        self.num_degenerate_dropped = int((~keep).sum())
         if self.num_degenerate_dropped:
             _warn(f"{self.num_degenerate_dropped} degenerate boxes dropped from {self.ann_file}")
         if num_classes is not None:
@@ -96,32 +98,18 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"{self.ann_file} has category ids in [{lo}, {hi}] but --num_classes is {num_classes} "
                 f"(ids must lie in [0, num_classes-1]); set --num_classes {hi + 1} or larger")
 
-    def _clipped_xyxy(self, ann: dict) -> list[float] | None:
-        """COCO xywh -> xyxy clipped to the image; None when nothing of it is left."""
-        info = self.coco.imgs.get(ann["image_id"], {})
-        w, h = info.get("width", float("inf")), info.get("height", float("inf"))
-        x, y, bw, bh = (float(v) for v in ann["bbox"])
-        x1, y1 = min(max(x, 0.0), w), min(max(y, 0.0), h)
-        x2, y2 = min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
-        return [x1, y1, x2, y2] if x2 > x1 and y2 > y1 else None
-
     def _target(self, img_id: int) -> dict:
-        """Training target in absolute xyxy: crowd regions are left out (as DETR's
-        targets; the evaluator still sees them) and degenerate boxes dropped."""
-        boxes, labels, area = [], [], []
-        for ann in self.coco.imgToAnns.get(img_id, []):
-            box = None if ann.get("iscrowd", 0) else self._clipped_xyxy(ann)
-            if box is None:
-                continue
-            boxes.append(box)
-            labels.append(int(ann["category_id"]))
-            area.append(float(ann.get("area", (box[2] - box[0]) * (box[3] - box[1]))))
-        return {
-            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor(labels, dtype=torch.int64),
-            "area": torch.tensor(area, dtype=torch.float32),
-            "iscrowd": torch.zeros(len(boxes), dtype=torch.int64),
-        }
+        """Training target in absolute xyxy, as DETR builds it: crowd regions are left out (the evaluator
+        still sees them), boxes clipped to the image in float32 and degenerate ones dropped."""
+        anns = [a for a in self.coco.imgToAnns.get(img_id, []) if not a.get("iscrowd", 0)]
+        info = self.coco.imgs[img_id]
+        boxes, keep = _clipped_xyxy([a["bbox"] for a in anns], [info["width"]] * len(anns),
+                                    [info["height"]] * len(anns))
+        labels = torch.tensor([int(a["category_id"]) for a in anns], dtype=torch.int64)
+        area = torch.tensor([float(a["area"]) if "area" in a else float(a["bbox"][2]) * float(a["bbox"][3])
+                             for a in anns], dtype=torch.float32)
+        return {"boxes": boxes[keep], "labels": labels[keep], "area": area[keep],
+                "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.int64)}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -166,6 +154,17 @@ class CocoDetection(torch.utils.data.Dataset):
         if self.transforms is not None:
             img, target = self.transforms(img, target)
         return img, target
+
+
+def _clipped_xyxy(bboxes, widths, heights):
+    """COCO xywh boxes -> (N, 4) xyxy clipped to their image, and the (N,) mask of boxes with positive extent.
+    float32 arithmetic in DETR's order (x2 = x + w, then clamp), so the values equal DETR's bit for bit."""
+    boxes = torch.as_tensor(bboxes, dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    limits = torch.tensor([widths, heights], dtype=torch.float32).t().reshape(-1, 2).repeat(1, 2)  # (N, 4)
+    boxes = torch.minimum(boxes.clamp(min=0), limits)
+    keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
+    return boxes, keep
 
 
 class _BadImage(Exception):
