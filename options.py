@@ -89,6 +89,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--giou_loss_coef", default=2.0, type=float)
     parser.add_argument("--eos_coef", default=0.1, type=float, help="no-object class weight (ce)")
 
+    # evaluation
+    parser.add_argument("--num_detections", default=None, type=int,
+                        help="detections kept per image for evaluation; default: num_queries (query, class) "
+                             "pairs for focal (the original SMCA post-processing), one per query for ce (DETR)")
+
     # data
     parser.add_argument("--dataset_file", default=None, choices=("coco", "synthetic"),
                         help="default: coco when --coco_path is given (DETR's commands), else the embedded synthetic set")
@@ -141,6 +146,8 @@ def check_args(args) -> None:
         raise UserError(f"--hidden_dim {args.hidden_dim} must be even (half goes to x, half to y positions)")
     if not 0 <= args.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.num_detections is not None and args.num_detections <= 0:
+        raise UserError(f"--num_detections must be positive, got {args.num_detections}")
     if args.smooth <= 0:
         raise UserError(f"--smooth must be > 0 (it divides the squared distance), got {args.smooth}")
     for flag in ("head_mixture", "query_mixture"):

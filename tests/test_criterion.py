@@ -212,25 +212,24 @@ def test_build_criterion(cls_loss, no_aux_loss):
 
 # ---- post-processing ----
 
-def test_focal_postprocess_picks_top_pairs_and_scales_boxes():
-    # Q = 3 queries, C = 2 real classes + the no-object column (huge, must be ignored).
-    logits = torch.tensor([[[0.0, 3.0, 50.0],
-                            [2.0, 1.0, 50.0],
-                            [-1.0, -3.0, 50.0]]])
+def test_focal_postprocess_picks_top_pairs_over_every_column_then_drops_no_object():
+    # Q = 3 queries, C = 2 real classes + the no-object column, which competes for the k slots (original SMCA).
+    logits = torch.tensor([[[0.0, 3.0, 2.5],
+                            [2.0, 1.0, -5.0],
+                            [-1.0, -3.0, -4.0]]])
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.25, 0.75, 0.5, 0.5], [0.1, 0.1, 0.1, 0.1]]])
     sizes = torch.tensor([[200, 100]])  # (h, w)
     result, = PostProcessFocal(num_select=3)({"pred_logits": logits, "pred_boxes": boxes}, sizes)
-    # Best pairs: (q0, c1) logit 3, (q1, c0) logit 2, (q1, c1) logit 1.
-    assert result["labels"].tolist() == [1, 0, 1]
-    torch.testing.assert_close(result["scores"], torch.tensor([3.0, 2.0, 1.0]).sigmoid())
+    # Best three pairs: (q0, c1) logit 3, (q0, no-object) 2.5, (q1, c0) 2; the no-object pair is dropped.
+    assert result["labels"].tolist() == [1, 0]
+    torch.testing.assert_close(result["scores"], torch.tensor([3.0, 2.0]).sigmoid())
     expected_q0 = torch.tensor([40.0, 60.0, 60.0, 140.0])  # cx 50, cy 100, w 20, h 80
     expected_q1 = torch.tensor([0.0, 100.0, 50.0, 200.0])  # cx 25, cy 150, w 50, h 100
-    torch.testing.assert_close(result["boxes"], torch.stack([expected_q0, expected_q1, expected_q1]))
+    torch.testing.assert_close(result["boxes"], torch.stack([expected_q0, expected_q1]))
     assert result["labels"].dtype == torch.int64
 
-    # Default k = min(100, Q*C) = 6: every (query, class) pair, sorted by score.
-    result, = PostProcessFocal()({"pred_logits": logits, "pred_boxes": boxes}, sizes)
-    assert len(result["scores"]) == 6
+    # k larger than Q*(C+1) = 9: every pair, the three no-object ones dropped, sorted by score.
+    result, = PostProcessFocal(num_select=100)({"pred_logits": logits, "pred_boxes": boxes}, sizes)
     assert result["labels"].tolist() == [1, 0, 1, 0, 0, 1]
     assert (result["scores"][:-1] >= result["scores"][1:]).all()
 
@@ -251,7 +250,7 @@ def test_postprocess_batches_match_single_images():
     outputs = {"pred_logits": torch.randn(2, 7, NUM_CLASSES + 1, generator=g),
                "pred_boxes": torch.rand(2, 7, 4, generator=g) * 0.5 + 0.1}
     sizes = torch.tensor([[480, 640], [300, 200]])
-    for post in (PostProcess(), PostProcessFocal(num_select=10)):
+    for post in (PostProcess(), PostProcess(num_select=3), PostProcessFocal(num_select=10)):
         batched = post(outputs, sizes)
         for b in range(2):
             single, = post({k: v[b:b + 1] for k, v in outputs.items()}, sizes[b:b + 1])
@@ -259,7 +258,24 @@ def test_postprocess_batches_match_single_images():
                 torch.testing.assert_close(batched[b][k], single[k])
 
 
+def test_softmax_postprocess_num_select_keeps_the_best_queries():
+    logits = torch.tensor([[[1.0, 0.0, 0.0], [4.0, 0.0, 0.0], [0.0, 2.0, 0.0]]])
+    boxes = torch.rand(1, 3, 4) * 0.5 + 0.1
+    sizes = torch.tensor([[10, 20]])
+    every, = PostProcess()({"pred_logits": logits, "pred_boxes": boxes}, sizes)
+    best, = PostProcess(num_select=2)({"pred_logits": logits, "pred_boxes": boxes}, sizes)
+    order = every["scores"].argsort(descending=True)[:2]
+    assert order.tolist() == [1, 2]
+    for key in ("scores", "labels", "boxes"):
+        torch.testing.assert_close(best[key], every[key][order])
+
+
 def test_build_postprocessors():
-    assert isinstance(build_postprocessors(Namespace(cls_loss="ce"))["bbox"], PostProcess)
-    focal = build_postprocessors(Namespace(cls_loss="focal"))["bbox"]
-    assert isinstance(focal, PostProcessFocal) and focal.num_select == 100
+    ce = build_postprocessors(Namespace(cls_loss="ce", num_detections=None, num_queries=7))["bbox"]
+    assert isinstance(ce, PostProcess) and ce.num_select is None
+    focal = build_postprocessors(Namespace(cls_loss="focal", num_detections=None, num_queries=7))["bbox"]
+    assert isinstance(focal, PostProcessFocal) and focal.num_select == 7  # num_queries, as the original code
+    focal = build_postprocessors(Namespace(cls_loss="focal", num_detections=100, num_queries=7))["bbox"]
+    assert focal.num_select == 100
+    ce = build_postprocessors(Namespace(cls_loss="ce", num_detections=5, num_queries=7))["bbox"]
+    assert ce.num_select == 5
