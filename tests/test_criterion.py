@@ -51,7 +51,8 @@ def make_batch(seed: int = 0, requires_grad: bool = True):
 
 def make_criterion(focal: bool, alpha: float = ALPHA, gamma: float = GAMMA) -> SetCriterion:
     return SetCriterion(NUM_CLASSES, FixedMatcher(INDICES), weight_dict={},
-                        losses=["labels_focal" if focal else "labels", "boxes", "cardinality"],
+                        losses=["labels_focal", "cardinality_focal", "boxes", "cardinality"] if focal
+                        else ["labels", "boxes", "cardinality"],
                         eos_coef=EOS_COEF, focal_alpha=alpha, focal_gamma=gamma)
 
 
@@ -106,21 +107,25 @@ def test_box_losses_class_error_and_cardinality(focal):
     torch.testing.assert_close(losses["loss_bbox"], expected_l1, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(losses["loss_giou"], (1 - giou).sum() / NUM_BOXES, atol=1e-6, rtol=1e-6)
 
-    # class_error: percentage of matched queries whose predicted class is wrong
-    # (best real class under focal, best of all C+1 under softmax).
+    # class_error: percentage of matched queries whose argmax over all C+1 logits is not their class (DETR's and
+    # the original SMCA code's definition, for both losses)
     logits = outputs["pred_logits"].detach()
-    columns = NUM_CLASSES if focal else NUM_CLASSES + 1
-    wrong = [logits[b, q, :columns].argmax().item() != targets[b]["labels"][t].item()
+    wrong = [logits[b, q].argmax().item() != targets[b]["labels"][t].item()
              for b, (src, tgt) in enumerate(INDICES) for q, t in zip(src, tgt)]
     assert losses["class_error"].item() == pytest.approx(100 * sum(wrong) / len(wrong))
 
-    if focal:
-        predicted = (logits[..., :NUM_CLASSES].sigmoid().max(-1).values > 0.5).sum(1).float()
-    else:
-        predicted = (logits.argmax(-1) != NUM_CLASSES).sum(1).float()
-    expected_card = (predicted - torch.tensor([3.0, 0.0, 1.0])).abs().mean()
-    assert losses["cardinality_error"].item() == pytest.approx(expected_card.item())
+    counts = torch.tensor([3.0, 0.0, 1.0])
+    predicted = torch.tensor([sum(logits[b, q].argmax().item() != NUM_CLASSES for q in range(NUM_QUERIES))
+                              for b in range(3)], dtype=torch.float)
+    assert losses["cardinality_error"].item() == pytest.approx((predicted - counts).abs().mean().item())
     assert not losses["cardinality_error"].requires_grad
+    if focal:
+        confident = torch.tensor([sum(logits[b, q, :NUM_CLASSES].sigmoid().max().item() > 0.5
+                                      for q in range(NUM_QUERIES)) for b in range(3)], dtype=torch.float)
+        expected = (confident - counts).abs().mean().item()
+        assert losses["cardinality_error_focal"].item() == pytest.approx(expected)
+    else:
+        assert "cardinality_error_focal" not in losses
 
 
 def test_perfect_focal_predictions_have_zero_class_error():
@@ -129,10 +134,11 @@ def test_perfect_focal_predictions_have_zero_class_error():
     for b, (src, tgt) in enumerate(INDICES):
         for q, t in zip(src, tgt):
             logits[b, q, targets[b]["labels"][t]] = 5.0
-    logits[..., -1] = 9.0  # ignored by the focal class error and cardinality
     losses = make_criterion(focal=True)({"pred_logits": logits, "pred_boxes": outputs["pred_boxes"]}, targets)
     assert losses["class_error"].item() == 0.0
-    assert losses["cardinality_error"].item() == 0.0
+    assert losses["cardinality_error_focal"].item() == 0.0
+    # upstream's count under focal: unmatched queries' argmax lands on a real column, so every query counts
+    assert losses["cardinality_error"].item() == pytest.approx((5 - 3 + 5 - 0 + 5 - 1) / 3)
 
 
 @pytest.mark.parametrize("focal", [False, True])
@@ -142,7 +148,7 @@ def test_aux_outputs_get_suffixed_losses(focal):
     criterion = make_criterion(focal)
     losses = criterion({**final, "aux_outputs": aux}, targets)
     assert criterion.matcher.calls == 3  # final layer + each aux layer matched on its own
-    base = {"loss_ce", "loss_bbox", "loss_giou", "cardinality_error"}
+    base = {"loss_ce", "loss_bbox", "loss_giou", "cardinality_error"} | ({"cardinality_error_focal"} if focal else set())
     assert set(losses) == base | {"class_error"} | {f"{k}_{i}" for k in base for i in (0, 1)}
     for i, layer in enumerate(aux):
         alone = criterion(layer, targets)
@@ -169,7 +175,7 @@ def test_images_without_targets(focal):
         expected = F.cross_entropy(outputs["pred_logits"].reshape(-1, NUM_CLASSES + 1),
                                    torch.full((3 * NUM_QUERIES,), NUM_CLASSES))
     torch.testing.assert_close(losses["loss_ce"], expected, atol=1e-6, rtol=1e-6)
-    assert losses["class_error"].item() == 0.0
+    assert losses["class_error"].item() == 100.0  # DETR's accuracy() is 0 without targets
     sum(v for k, v in losses.items() if k.startswith("loss")).backward()
     assert torch.isfinite(outputs["pred_logits"].grad).all()
 
@@ -206,7 +212,8 @@ def test_build_criterion(cls_loss, no_aux_loss):
     if not no_aux_loss:
         expected.update({f"{k}_{i}": v for k, v in final.items() for i in (0, 1)})
     assert criterion.weight_dict == expected
-    assert criterion.losses == ["labels_focal" if cls_loss == "focal" else "labels", "boxes", "cardinality"]
+    class_losses = ["labels_focal", "cardinality_focal"] if cls_loss == "focal" else ["labels"]
+    assert criterion.losses == [*class_losses, "boxes", "cardinality"]
     assert criterion.class_weight.tolist() == pytest.approx([1.0] * NUM_CLASSES + [EOS_COEF])
 
 
