@@ -100,6 +100,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic_train_size", type=int, default=512)
     parser.add_argument("--synthetic_val_size", type=int, default=64)
     parser.add_argument("--synthetic_image_size", type=int, default=128)
+    parser.add_argument("--synthetic_seed", type=int, default=None,
+                        help="seed that generates the synthetic set (default: --seed); fix it when runs differ "
+                             "in --seed, so the seeds vary the training, not the data")
     parser.add_argument("--skip_bad_images", action="store_true",
                         help="skip (and count) unreadable images instead of stopping")
 
