@@ -47,8 +47,11 @@ from experiments import plot_logs
 from util.errors import UserError
 from util.tb import COCO_METRIC_NAMES, hparam_value
 
-# Flags that name this run's own files or restart state; they differ between runs without being ablations.
-PER_RUN_FLAGS = frozenset({"output_dir", "resume", "start_epoch", "dist_url", "rank", "gpu", "local_rank"})
+# Flags that name this run's own files or restart state, or change no number of the run (the COCO backends
+# score alike, logging intervals, the cache folder): they differ between runs without being ablations, and
+# are neither columns nor a reason to keep two seeds apart.
+PER_RUN_FLAGS = frozenset({"output_dir", "resume", "start_epoch", "dist_url", "rank", "gpu", "local_rank",
+                           "synthetic_root", "coco_backend", "log_every", "save_every", "trust_checkpoint"})
 SEED_FLAG = "seed"
 MISSING = "-"
 PLOTS = ("metric", "loss")
@@ -230,10 +233,10 @@ def group_runs(runs: list[Run]) -> list[Group]:
     return [Group(_group_name(members), members) for members in groups.values()]
 
 
-def differing_flags(configs: list[dict], ignore=frozenset()) -> list[str]:
+def differing_flags(configs: list[dict]) -> list[str]:
     """Flags whose value is not the same in every non-empty config (a missing flag differs)."""
     configs = [c for c in configs if c]
-    names = sorted(set().union(*configs) - PER_RUN_FLAGS - set(ignore)) if configs else []
+    names = sorted(set().union(*configs) - PER_RUN_FLAGS) if configs else []
     return [n for n in names if len({_format_value(c.get(n, MISSING)) for c in configs}) > 1]
 
 

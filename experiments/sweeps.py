@@ -134,7 +134,7 @@ def parse_seeds(tokens, where):
         raise UserError(f"{where}: no seeds given; write e.g. 'seeds: 0 1 2'")
     seeds = []
     for token in tokens:
-        if not token.isdigit():
+        if not re.fullmatch(r"[0-9]+", token):
             raise UserError(f"{where}: seed {token!r} is not a non-negative integer")
         if int(token) in seeds:
             raise UserError(f"{where}: seed {int(token)} is listed twice")

@@ -111,7 +111,6 @@ class MetricLogger:
         self.show = tuple(show) if show is not None else None
         self.data_time = 0.0  # seconds waiting for the current item
         self.iter_time = 0.0  # seconds of the previous full iteration
-        self.total_data_time = 0.0  # seconds waiting for items, summed over the last log_every loop
 
     def update(self, **kwargs) -> None:
         for name, value in kwargs.items():
@@ -149,10 +148,8 @@ class MetricLogger:
         began = end = time.time()
         iter_time = SmoothedValue(fmt="{avg:.4f}")
         data_time = SmoothedValue(fmt="{avg:.4f}")
-        self.total_data_time = 0.0
         for i, obj in enumerate(iterable, start):
             self.data_time = time.time() - end
-            self.total_data_time += self.data_time
             data_time.update(self.data_time)
             yield obj
             self.iter_time = time.time() - end
