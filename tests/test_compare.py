@@ -10,7 +10,8 @@ import sys
 import pytest
 from PIL import Image
 
-from experiments.compare import compare_table, default_out, group_runs, load_runs
+from experiments.compare import compare_table, default_out
+from experiments.runs import group_runs, load_runs
 from util.tb import COCO_METRIC_NAMES, RunLogger
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
