@@ -65,11 +65,15 @@ def read_log(path: str) -> List[dict]:
 
 def find_logs(paths: Sequence[str]) -> List[Tuple[str, str]]:
     """[(label, log.txt path)]: a file as given, a folder's own log.txt, else every log.txt below it; labels are
-    folders relative to the path given (its own name for a run folder)."""
+    folders relative to the path given (its own name for a run folder), or a file's name without extension."""
     found = []
     for path in paths:
         if os.path.isfile(path):
-            found.append((os.path.basename(os.path.dirname(os.path.abspath(path))), path))
+            # run/log.txt is named after its run; a downloaded detr-r50_log.txt after itself
+            name = os.path.basename(path)
+            label = os.path.basename(os.path.dirname(os.path.abspath(path))) if name == "log.txt" else \
+                os.path.splitext(name)[0]
+            found.append((label, path))
             continue
         if not os.path.isdir(path):
             raise UserError(f"{path}: no such file or directory; pass a log.txt, a run folder or a sweep root")

@@ -143,3 +143,10 @@ def test_compare_plot_loss_groups_seeds(tmp_path):
         (root / "a" / seed / "log.txt").unlink()
     result = run("compare.py", str(root), "--plot", "loss")
     assert result.returncode == 2 and "--plot loss: none of the runs has a log.txt yet" in result.stderr
+
+
+def test_a_downloaded_log_is_named_after_its_file(tmp_path):
+    write_log(tmp_path / "detr-r50_log.txt", [detr_record(0, 1.0)])
+    write_log(tmp_path / "runs" / "r101" / "log.txt", [detr_record(0, 2.0)])
+    found = plot_logs.find_logs([str(tmp_path / "detr-r50_log.txt"), str(tmp_path / "runs" / "r101" / "log.txt")])
+    assert [label for label, _ in found] == ["detr-r50_log", "r101"]
