@@ -16,7 +16,8 @@ from torch.utils.data.distributed import DistributedSampler
 import datasets
 import engine
 from models import build_model
-from options import ablation_summary, check_args, get_args_parser, resolve_args  # noqa: F401 (DETR's API)
+from options import (ablation_summary, check_args, format_config, get_args_parser,  # noqa: F401 (DETR's API)
+                     resolve_args)
 from util import checkpoint as ckpt
 from util import dist
 from util import run_config
@@ -182,7 +183,7 @@ def main(args, explicit=frozenset()):
             print(message)
     resolve_args(args)
     config = run_config.config_to_dict(args)
-    print(json.dumps(config, sort_keys=True))
+    print(format_config(args))
     print(ablation_summary(args))
 
     seed_everything(args.seed + dist.get_rank())
@@ -207,7 +208,8 @@ def main(args, explicit=frozenset()):
     if args.eval:
         loader_val = DataLoader(dataset_val, batch_size=args.batch_size, collate_fn=collate_fn,
                                 num_workers=args.num_workers, sampler=_val_sampler(dataset_val))
-        stats, _ = engine.evaluate(model, criterion, postprocessors, loader_val, base_ds, device, amp=args.amp)
+        stats, _ = engine.evaluate(model, criterion, postprocessors, loader_val, base_ds, device, amp=args.amp,
+                                   coco_backend=args.coco_backend)
         if args.output_dir and dist.is_main_process():
             with open(Path(args.output_dir) / "eval.json", "w") as f:
                 json.dump(stats, f)
@@ -277,14 +279,17 @@ def train(trainer: Trainer, dataset_train, dataset_val, base_ds, logger, preempt
         coco_stats = None
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             test_stats, coco_stats = engine.evaluate(trainer.model, trainer.criterion, trainer.postprocessors,
-                                                     loader_val, base_ds, device, amp=args.amp)
+                                                     loader_val, base_ds, device, amp=args.amp,
+                                                     coco_backend=args.coco_backend)
         if args.dynamic_scale != "none":
             logger.log_smca(epoch, trainer.model_without_ddp.smca_diagnostics(diag_batch.to(device)))
         epoch_time = time.time() - epoch_start
         log_stats = {**{f"train_{k}": v for k, v in result.stats.items()},
                      **({f"test_{k}": v for k, v in test_stats.items()} if coco_stats is not None else {}),
                      "epoch": epoch, "n_parameters": trainer.n_parameters, "epoch_time": epoch_time,
-                     "nonfinite_skipped": result.skipped}
+                     "nonfinite_skipped": result.skipped,
+                     # the x axis of TensorBoard's train_by_images/ (and of plot_logs.py --x images)
+                     "images_seen": trainer.tb_step * args.batch_size * dist.get_world_size()}
         # order: events, checkpoint (holding the log line), log line; a stop anywhere in between resumes
         # consistently (events past the checkpoint are dropped, a missing log line comes from the checkpoint)
         logger.log_epoch(epoch, result.stats, coco_stats, epoch_time)

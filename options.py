@@ -12,6 +12,7 @@ import os
 import torch
 
 import datasets
+from datasets.coco_eval import COCO_BACKENDS
 from util.errors import UserError
 
 DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
@@ -105,6 +106,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic_train_size", type=int, default=512)
     parser.add_argument("--synthetic_val_size", type=int, default=64)
     parser.add_argument("--synthetic_image_size", type=int, default=128)
+    parser.add_argument("--synthetic_seed", type=int, default=None,
+                        help="seed that generates the synthetic set (default: --seed); fix it when runs differ "
+                             "in --seed, so the seeds vary the training, not the data")
     parser.add_argument("--skip_bad_images", action="store_true",
                         help="skip (and count) unreadable images instead of stopping")
 
@@ -119,6 +123,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
     parser.add_argument("--eval", action="store_true")
     parser.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
+    parser.add_argument("--coco_backend", default="faster_coco_eval", choices=COCO_BACKENDS,
+                        help="COCO scoring: faster_coco_eval (C++, same 12 numbers, several times faster) or "
+                             "pycocotools (the reference)")
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     parser.add_argument("--log_every", default=20, type=int, help="progress line and TensorBoard point every N steps")
@@ -192,6 +199,28 @@ def resolve_args(args) -> None:
     resolve_loss(args)
     if args.num_classes is None:
         args.num_classes = datasets.num_classes_for(args)
+
+
+def _automatic_values(args) -> dict:
+    """What the 'auto' / None defaults resolve to for these flags (resolve_loss, check_args)."""
+    cls_loss = "ce" if args.dynamic_scale == "none" else "focal"
+    coefficients = LOSS_DEFAULTS[args.cls_loss if args.cls_loss in LOSS_DEFAULTS else cls_loss]
+    return {"cls_loss": cls_loss, **coefficients, "dataset_file": "coco" if args.coco_path else "synthetic"}
+
+
+def format_config(args) -> str:
+    """The flags whose value differs from main.py's default, as an aligned block in definition order, for the
+    console. A flag left at 'auto' (cls_loss and the loss defaults it picks, dataset_file) is not listed;
+    num_classes, derived from the data, is. Every flag is in config.json and the HPARAMS dashboard."""
+    defaults = {action.dest: action.default for action in get_args_parser()._actions}
+    automatic = _automatic_values(args)
+    changed = [(name, getattr(args, name)) for name, default in defaults.items()
+               if hasattr(args, name) and getattr(args, name) not in (default, automatic.get(name, default))]
+    if not changed:
+        return "flags: all at their defaults"
+    width = max(len(name) for name, _ in changed)
+    lines = [f"  {name:<{width}}  {value}" for name, value in changed]
+    return "\n".join(["flags that differ from the defaults (every flag: config.json, TensorBoard HPARAMS):", *lines])
 
 
 def ablation_summary(args) -> str:

@@ -20,7 +20,7 @@ def _synthetic_root(args):
     image_size = int(_or_default(args.synthetic_image_size, DEFAULT_IMAGE_SIZE))
     path = ensure_synthetic(
         root=_or_default(args.synthetic_root, DEFAULT_ROOT),
-        seed=int(args.seed),
+        seed=int(_or_default(getattr(args, "synthetic_seed", None), args.seed)),
         train_size=int(_or_default(args.synthetic_train_size, DEFAULT_TRAIN_SIZE)),
         val_size=int(_or_default(args.synthetic_val_size, DEFAULT_VAL_SIZE)),
         image_size=image_size,

@@ -3,6 +3,7 @@
     python -m experiments.benchmark [--variants NAME...] [--queries Q...] [--sizes S...] [--batch_size B]
         [--device cpu|cuda] [--warmup N] [--iters N] [--repeats N] [--amp] [--threads N]
         [--json PATH] [--csv PATH] [-- MAIN.PY MODEL FLAGS...]
+    python -m experiments.benchmark eval ...   # evaluation throughput per COCO backend: experiments/benchmark_eval.py
 
     # the question: overhead of each type over DETR, 300 queries, 800x1333, batch 2, on a busy CPU
     python -m experiments.benchmark --device cpu --threads 1 --queries 300 --sizes 800 --iters 1 --repeats 2 \
@@ -570,6 +571,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def cli(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:
+        from experiments import benchmark_eval
+
+        return benchmark_eval.cli(argv[1:])
     own, model_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     opts = get_args_parser().parse_args(own)
     try:
