@@ -13,16 +13,20 @@ SMCA variant, the layer's SpatialPrior (offsets, scales, then G or its factors; 
 the ModulatedCrossAttention (projections, SDPA with --dropout as in training, output projection); for ``none``
 (DETR) the attention alone. Then the backward from a fixed random gradient into every input and parameter.
 Widths and heads default to main.py's (256, 8); the feature grid is ceil(H / stride) x ceil(W / stride), the
-backbone's output (800x1333 at stride 32: 25 x 42). Reported per cell: the median wall ms; ``saved MiB``,
-the bytes autograd keeps from the forward for the backward (distinct storages, counted once with
-saved_tensors_hooks: exact; in a model this adds up over the decoder layers); ``peak MiB``, the high-water
-mark of one call, measured after the timings (experiments/benchmark_common.py; the median over --repeats
-builds, as CPU peaks move by some MiB from build to build), which also sees transient
-tensors such as the explicit route's G, its intermediates and its gradient; and each divided by ``none`` at
-the same queries and size: the cost of the prior. ``prior`` says what the route built: ``G`` or
-``factors`` (type4 takes G past its accurate grid size, models/spatial_prior.py). On CPU with dropout, SDPA
-runs its math kernel, which keeps (B, nhead, Q, HW) tensors for DETR too; without dropout (--dropout 0) it
-runs the flash kernel, which keeps none.
+backbone's output (800x1333 at stride 32: 25 x 42).
+
+Reported per cell:
+  ms         the median wall time of forward + backward
+  saved MiB  the bytes autograd keeps from the forward for the backward (distinct storages, counted once
+             with saved_tensors_hooks: exact; in a model this adds up over the decoder layers)
+  peak MiB   the high-water mark of one call, measured after the timings (experiments/benchmark_common.py;
+             the median over --repeats builds): it also sees transient tensors such as the explicit route's
+             G, its intermediates and its gradient
+  /none      each divided by ``none`` at the same queries and size: the cost of the prior
+  prior      what the route built: ``G`` or ``factors`` (type4 takes G past its accurate grid size)
+  kernel     the SDPA kernel PyTorch's dispatch selects for the call (math, flash_attention,
+             efficient_attention, cudnn_attention). On CPU with dropout it is the math kernel, which keeps
+             (B, nhead, Q, HW) tensors for DETR too; with --dropout 0 the fused route gets the flash kernel.
 """
 import argparse
 import json
@@ -33,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 import main as detr_main
 from experiments.benchmark_common import (BASELINE, MIB, NO_ROUTE, VARIANTS, environment, fmt_ratio, image_shape,
@@ -74,6 +80,7 @@ class Row:
     variant: str
     route: str
     prior: str  # what the route built: 'G', 'factors' or '-'
+    kernel: str  # the SDPA kernel selected: math, flash_attention, efficient_attention, cudnn_attention
     queries: int
     height: int
     width: int
@@ -127,6 +134,30 @@ class CoAttentionStep:
         for leaf in self.leaves:
             leaf.grad = None  # as optimizer.zero_grad(set_to_none=True): no accumulation
         self.forward()[0].backward()
+
+    def sdpa_kernel(self) -> str:
+        """The kernel SDPA selects for this co-attention's call, from PyTorch's own dispatch
+        (torch._fused_sdp_choice, a private function: '?' where it is missing or fails)."""
+        calls = []
+        original = F.scaled_dot_product_attention
+
+        def record(*args, **kwargs):
+            calls.append((args, kwargs))
+            return original(*args, **kwargs)
+
+        F.scaled_dot_product_attention = record  # models/attention.py calls it through torch.nn.functional
+        try:
+            self.forward()
+        finally:
+            F.scaled_dot_product_attention = original
+        (query, key, value), kwargs = calls[0]
+        try:
+            choice = torch._fused_sdp_choice(query, key, value, kwargs.get("attn_mask"), kwargs.get("dropout_p", 0.0),
+                                             False, scale=kwargs.get("scale"))
+        except (AttributeError, RuntimeError, TypeError):
+            return "?"
+        names = {int(backend.value): name.lower() for name, backend in SDPBackend.__members__.items()}
+        return names.get(int(choice), "?")
 
     def saved_bytes(self) -> Tuple[int, str]:
         """Bytes of the distinct storages autograd saves for the backward, and what the prior built."""
@@ -199,9 +230,13 @@ def run(config: Config, log=print) -> List[Row]:
                                                device, meter))
         group = []
         for cell in cells:
-            saved, built = CoAttentionStep(config, cell[0], cell[1], queries, grid).saved_bytes()
+            step = CoAttentionStep(config, cell[0], cell[1], queries, grid)
+            saved, built = step.saved_bytes()
+            kernel = step.sdpa_kernel()
+            del step
             peak = statistics.median(peaks[cell])
-            group.append(Row(variant=cell[0], route=cell[1], prior=built, queries=queries, height=size[0],
+            group.append(Row(variant=cell[0], route=cell[1], prior=built, kernel=kernel, queries=queries,
+                             height=size[0],
                              width=size[1], grid_h=grid[0], grid_w=grid[1],
                              ms=statistics.median(times[size, queries][cell]) * 1000, saved_mib=saved / MIB,
                              peak_mib=peak / MIB, times=times[size, queries][cell]))
@@ -218,7 +253,7 @@ def run(config: Config, log=print) -> List[Row]:
     return rows
 
 
-COLUMNS = ["variant", "route", "prior", "queries", "image", "grid", "Q x HW", "ms", "saved MiB", "peak MiB",
+COLUMNS = ["variant", "route", "prior", "kernel", "queries", "image", "grid", "Q x HW", "ms", "saved MiB", "peak MiB",
            f"time /{BASELINE}", f"saved /{BASELINE}", f"peak /{BASELINE}"]
 
 
@@ -229,11 +264,11 @@ def markdown(rows: List[Row], env: dict) -> str:
              f"stride {env['stride']}; warmup {env['warmup']}, iters {env['iters']} x repeats {env['repeats']} "
              f"(median)", f"memory: {env['memory']}", "",
              "| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|"]
+             "|" + "|".join("---" if i < 4 else "---:" for i in range(len(COLUMNS))) + "|"]
     for r in rows:
-        cells = [r.variant, r.route, r.prior, str(r.queries), f"{r.height}x{r.width}", f"{r.grid_h}x{r.grid_w}",
-                 str(r.queries * r.grid_h * r.grid_w), f"{r.ms:.1f}", f"{r.saved_mib:.1f}", f"{r.peak_mib:.0f}",
-                 fmt_ratio(r.time_ratio), fmt_ratio(r.saved_ratio), fmt_ratio(r.peak_ratio)]
+        cells = [r.variant, r.route, r.prior, r.kernel, str(r.queries), f"{r.height}x{r.width}",
+                 f"{r.grid_h}x{r.grid_w}", str(r.queries * r.grid_h * r.grid_w), f"{r.ms:.1f}",
+                 f"{r.saved_mib:.1f}", f"{r.peak_mib:.0f}", fmt_ratio(r.time_ratio), fmt_ratio(r.saved_ratio), fmt_ratio(r.peak_ratio)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

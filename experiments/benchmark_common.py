@@ -7,9 +7,10 @@ keeps (weights, gradients, optimizer state) and its activations:
   CPU:  the kernel's peak resident set size (VmHWM, reset through /proc/self/clear_refs before the second call)
         minus the RSS at start (after gc and malloc_trim), with glibc told to give every allocation of 1 MiB or
         more back to the OS when freed (return_freed_memory) and free heap pages released (malloc_trim) before
-        the second call: the peak then follows the live tensors, not the allocator's cache. Where /proc/self/clear_refs is not writable, RSS sampled with psutil every 5 ms
-        in a background thread (can miss short peaks). Small allocations and shared library pages still
-        count, so compare ratios within one run.
+        the second call: the peak then follows the live tensors, not the allocator's cache. Where
+        /proc/self/clear_refs is not writable, RSS sampled with psutil every 5 ms in a background thread (can
+        miss short peaks). Small allocations and shared library pages still count, and the peak moves by some
+        MiB from build to build, so compare ratios within one run.
 Times: time.perf_counter around each call (torch.cuda.synchronize before and after on CUDA), and on CPU the
 process CPU time (time.process_time): time spent waiting for a core taken by another process is not counted,
 so on a shared machine it is the steadier overhead measure (with more than one thread it also counts OpenMP

@@ -87,8 +87,8 @@ class ModulatedCrossAttention(nn.Module):
             head_dim = v.shape[-1]
             if _flash_needs_equal_head_dims(v, dropout_p):
                 v = F.pad(v, (0, q_aug.shape[-1] - head_dim))  # (B, nhead, S, D)
-            out = F.scaled_dot_product_attention(q_aug, k_aug, v, attn_mask=self._logit_mask(key_padding_mask, None, dtype),
-                                                 dropout_p=dropout_p, scale=1.0)
+            mask = self._logit_mask(key_padding_mask, None, dtype)  # (B, 1, 1, S)
+            out = F.scaled_dot_product_attention(q_aug, k_aug, v, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
         return out[..., :head_dim].to(q.dtype)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor,

@@ -68,8 +68,6 @@ class SeparablePolynomial:
     Since each Lagrange basis sums to 1 over its nodes, [basis_x, basis_y] . [A, B] = A(x) + B(y) = D.
     """
 
-    num_features = 6
-
     def coefficients(self, u: Tensor, dx2: Tensor, dy2: Tensor) -> Tensor:
         zero = torch.zeros_like(dx2)
         along_x = self(u, dx2[..., None, :], zero[..., None, :])  # (B, nhead, Q, 1, 3): A at the x nodes
@@ -90,8 +88,6 @@ class CoupledPolynomial:
 
     ``coefficients`` returns D at the 3 x 3 nodes (B, nhead, Q, 9), y-node major.
     """
-
-    num_features = 9
 
     def coefficients(self, u: Tensor, dx2: Tensor, dy2: Tensor) -> Tensor:
         return self(u, dx2[..., None, :], dy2[..., :, None]).flatten(-2)  # (B, nhead, Q, 3 y * 3 x)

@@ -156,16 +156,20 @@ def test_coattn_mode_prior_share_and_saved_memory(tmp_path, capsys):
             assert row["prior"] == "factors" and 0 < row["saved_mib"] - base["saved_mib"] < one_logit_tensor
     header, *table = _table_rows(out)
     assert header == benchmark_coattn.COLUMNS
-    assert table[1][:7] == ["type4", "fused", "factors", str(queries), size, "16x20", str(queries * 320)]
+    assert table[1][:8] == ["type4", "fused", "factors", "math", str(queries), size, "16x20", str(queries * 320)]
+    assert {row["kernel"] for row in rows.values()} == {"math"}  # CPU with dropout: SDPA's math kernel
 
 
 def test_coattn_mode_reports_type4_taking_g_past_its_grid_limit(capsys):
     rc = benchmark.cli(["coattn", "--variants", "type4", "--routes", "fused", "--queries", "4", "--sizes", "42x42",
                         "43x42", "--stride", "1", "--batch_size", "1", "--hidden_dim", "8", "--nheads", "2",
-                        "--iters", "1", "--warmup", "0", "--device", "cpu"])
+                        "--iters", "1", "--warmup", "0", "--device", "cpu", "--dropout", "0"])
     assert rc == 0
     _, *table = _table_rows(capsys.readouterr().out)
-    assert [(row[2], row[5]) for row in table] == [("factors", "42x42"), ("G", "43x42")]
+    assert [(row[2], row[6]) for row in table] == [("factors", "42x42"), ("G", "43x42")]
+    # without dropout: CPU flash for the factors (v padded to the q/k head dim); a mask that needs a gradient
+    # (G in training) sends SDPA to its math kernel
+    assert [row[3] for row in table] == ["flash_attention", "math"]
 
 
 def test_help_lists_the_modes(capsys):

@@ -295,7 +295,20 @@ def model_stride(args):
     return build_model(args)[0].backbone.stride
 
 
-def test_parameter_names_do_not_depend_on_the_route(tiny_args):
+def test_route_is_not_an_architecture_flag_and_checkpoints_cross_routes(tiny_args):
+    """Same parameter names and values on both routes; a run resumed with the other route is not refused."""
+    import main
+    from options import ARCH_FLAGS
+    from util.run_config import explicit_flags, reconcile_config
+
     models = [build_model(tiny_args(dynamic_scale="type4", prior_impl=route))[0] for route in ("fused", "explicit")]
     assert list(models[0].state_dict()) == list(models[1].state_dict())
     models[1].load_state_dict(models[0].state_dict(), strict=True)
+    assert "prior_impl" not in ARCH_FLAGS
+    assert tiny_args().prior_impl == "fused"  # the default
+    parser = main.get_args_parser()
+    argv = ["--dynamic_scale", "type4", "--prior_impl", "explicit"]
+    args = parser.parse_args(argv)
+    stored = {"dynamic_scale": "type4", "prior_impl": "fused"}
+    assert reconcile_config(args, explicit_flags(parser, argv), stored, ckpt_path="x") == []
+    assert args.prior_impl == "explicit"
