@@ -39,7 +39,7 @@ def lagrange_basis(grid: Tensor) -> Tuple[Tensor, Tensor]:
     mid = (grid[0] + grid[-1]) / 2
     half = ((grid[-1] - grid[0]) / 2).clamp_min(1.0)  # a one-cell axis: any three distinct nodes interpolate
     t = (grid - mid) / half  # (n,)
-    nodes = mid + half * torch.tensor([-1.0, 0.0, 1.0], dtype=grid.dtype, device=grid.device)
+    nodes = torch.stack([mid - half, mid, mid + half])  # (3,), no host-to-device copy
     basis = torch.stack([t * (t - 1) / 2, 1 - t * t, t * (t + 1) / 2], dim=-1)  # (n, 3)
     return nodes, basis
 
