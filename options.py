@@ -16,6 +16,7 @@ from datasets.coco_eval import COCO_BACKENDS
 from util.errors import UserError
 
 DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
+PRIOR_IMPLS = ("fused", "explicit")  # models/spatial_prior.py
 # defaults that depend on the classification loss: (ce, focal); focal's are the research code's
 LOSS_DEFAULTS = {"ce": {"cls_loss_coef": 1.0, "set_cost_class": 1.0},
                  "focal": {"cls_loss_coef": 2.0, "set_cost_class": 2.0}}
@@ -75,6 +76,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     arch("--head_mixture", action="store_true", help="prior on the first half of the heads only")
     arch("--query_mixture", action="store_true",
          help="the first half of the queries are plain DETR queries")
+    # not an architecture flag: both routes compute the same logits with the same weights
+    parser.add_argument("--prior_impl", default="fused", choices=PRIOR_IMPLS,
+                        help="fused: the prior as extra q/k dims of the co-attention (no (Q, H*W) tensor); "
+                             "explicit: the prior G as an additive mask (reference)")
 
     # loss
     parser.add_argument("--no_aux_loss", action="store_true", help="loss on the last decoder layer only")
@@ -226,7 +231,7 @@ def format_config(args) -> str:
 def ablation_summary(args) -> str:
     prior = "off (plain DETR co-attention)" if args.dynamic_scale == "none" else (
         f"{args.dynamic_scale}, smooth {args.smooth:g}, head_mixture {args.head_mixture}, "
-        f"query_mixture {args.query_mixture}")
+        f"query_mixture {args.query_mixture}, {args.prior_impl} route")
     return (f"ablation: dynamic_scale {prior}; cls_loss {args.cls_loss} (coef {args.cls_loss_coef:g}, "
             f"match cost {args.set_cost_class:g}); num_queries {args.num_queries}")
 
