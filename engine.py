@@ -9,11 +9,13 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from datasets.coco_eval import CocoEvaluator
+from datasets.voc_eval import VocEvaluator
 from util import dist
 from util.errors import UserError
 from util.misc import MetricLogger, SmoothedValue
 from util.tb import COCO_METRIC_NAMES
 
+VOC_MEAN_NAMES = ("voc_mAP50_11point", "voc_mAP50_area")
 
 
 class ResumableSampler(DistributedSampler):
@@ -140,16 +142,20 @@ def _grad_norm(model: torch.nn.Module) -> float:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: Dict, data_loader: Iterable,
-             base_ds, device: torch.device, amp: bool = False, log_every: int = 20) -> Tuple[Dict, List[float]]:
-    """Losses on the validation set and COCO bbox evaluation merged over all ranks.
+             base_ds, device: torch.device, amp: bool = False, log_every: int = 20,
+             voc_metric: bool = False) -> Tuple[Dict, List[float]]:
+    """Losses on the validation set and COCO bbox evaluation merged over all ranks; with ``voc_metric`` also
+    the Pascal VOC metric on the same detections (datasets/voc_eval.py).
 
-    Returns (stats, coco_stats): stats has the averaged losses and 'coco_eval_bbox' (the 12 COCOeval numbers);
-    coco_stats is that list.
+    Returns (stats, coco_stats): stats has the averaged losses, 'coco_eval_bbox' (the 12 COCOeval numbers)
+    and, with ``voc_metric``, 'voc_mAP50_11point', 'voc_mAP50_area' and 'voc_AP50_per_class';
+    coco_stats is the COCO list.
     """
     model.eval()
     criterion.eval()
     metric_logger = MetricLogger(delimiter="  ")
     evaluator = CocoEvaluator(base_ds, ("bbox",))
+    voc_evaluator = VocEvaluator(base_ds) if voc_metric else None
     for samples, targets in metric_logger.log_every(data_loader, log_every, "Test:"):
         samples = samples.to(device)
         targets = _targets_to(targets, device)
@@ -163,21 +169,29 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
                              class_error=loss_dict.get("class_error", torch.zeros(())))
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         results = postprocessors["bbox"](outputs, orig_sizes)
-        evaluator.update({t["image_id"].item(): r for t, r in zip(targets, results)})
+        per_image = {t["image_id"].item(): r for t, r in zip(targets, results)}
+        evaluator.update(per_image)
+        if voc_evaluator is not None:
+            voc_evaluator.update(per_image)
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    if voc_evaluator is not None:
+        voc_evaluator.synchronize_between_processes()
+        stats.update(voc_evaluator.summarize())
     evaluator.synchronize_between_processes()
     evaluator.accumulate()
     coco_stats = [float(x) for x in evaluator.summarize()]
-    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats["coco_eval_bbox"] = coco_stats
     return stats, coco_stats
 
 
 def final_metrics(test_stats: Dict) -> Dict[str, float]:
-    """The named COCO metrics of the last evaluation (empty if there was none)."""
+    """The named COCO metrics of the last evaluation, and its VOC mAPs where measured (empty if none)."""
     coco = test_stats.get("coco_eval_bbox") if test_stats else None
-    return dict(zip(COCO_METRIC_NAMES, coco)) if coco else {}
+    metrics = dict(zip(COCO_METRIC_NAMES, coco)) if coco else {}
+    metrics.update({k: test_stats[k] for k in VOC_MEAN_NAMES if test_stats and k in test_stats})
+    return metrics
 
 
 __all__ = ["train_one_epoch", "evaluate", "final_metrics", "ResumableSampler", "TrainResult", "NonFiniteLoss"]
