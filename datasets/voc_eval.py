@@ -91,6 +91,10 @@ def class_recall_precision(image_ids, scores, boxes, ground_truth, iou_threshold
     return recall, precision, n_pos
 
 
+def _ap_text(ap: float) -> str:
+    return f"{ap:.4f}" if ap >= 0 else "-"
+
+
 class VocEvaluator:
     """``update`` with per-image predictions (as CocoEvaluator: image_id -> {'scores', 'labels', 'boxes'
     xyxy absolute}), ``synchronize_between_processes``, ``summarize`` (prints the table, returns the stats).
@@ -100,8 +104,7 @@ class VocEvaluator:
     def __init__(self, coco_gt, iou_threshold: float = IOU_THRESHOLD):
         self.iou_threshold = iou_threshold
         self.class_names = {int(c["id"]): c["name"] for c in coco_gt.dataset["categories"]}
-        self.ground_truth: dict[int, dict[int, tuple]] = {c: {} for c in self.class_names}  # class -> image -> gt
-        per_image = {}
+        per_image = {}  # (category id, image id) -> [(xyxy box, difficult)]
         for ann in coco_gt.dataset["annotations"]:
             x, y, w, h = ann["bbox"]
             difficult = bool(ann.get("difficult", ann.get("iscrowd", 0)))
@@ -149,14 +152,13 @@ class VocEvaluator:
         scored = [a for a in aps.values() if a["objects"]]
         means = {d: float(np.mean([a[d] for a in scored])) if scored else -1.0 for d in DEFINITIONS}
         width = max([len("mean")] + [len(n) for n in self.class_names.values()])
-        fmt = lambda v: f"{v:.4f}" if v >= 0 else "-"  # noqa: E731
         print(f"VOC metric: AP at IoU >= {self.iou_threshold:g}, difficult objects ignored "
               f"({len(self.results)} images)")
         print(f"{'class':<{width}}  {'AP50 11-point (VOC07)':>21}  {'AP50 area (VOC10+)':>18}  {'objects':>7}")
         for cat_id, a in aps.items():
-            print(f"{self.class_names[cat_id]:<{width}}  {fmt(a['11point']):>21}  {fmt(a['area']):>18}  "
+            print(f"{self.class_names[cat_id]:<{width}}  {_ap_text(a['11point']):>21}  {_ap_text(a['area']):>18}  "
                   f"{a['objects']:>7}")
-        print(f"{'mean':<{width}}  {fmt(means['11point']):>21}  {fmt(means['area']):>18}  "
+        print(f"{'mean':<{width}}  {_ap_text(means['11point']):>21}  {_ap_text(means['area']):>18}  "
               f"{sum(a['objects'] for a in aps.values()):>7}   (mAP over {len(scored)} classes)")
         return {"voc_mAP50_11point": means["11point"], "voc_mAP50_area": means["area"],
                 "voc_AP50_per_class": {self.class_names[c]: {d: a[d] for d in DEFINITIONS} for c, a in aps.items()}}

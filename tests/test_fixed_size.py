@@ -15,7 +15,7 @@ import engine
 import main
 from datasets import transforms as T
 from datasets.coco import CocoDetection
-from datasets.fixed_size import FitResize, fitted_size, make_fixed_size_transforms
+from datasets.fixed_size import fitted_size, make_fixed_size_transforms
 from datasets.synthetic import ensure_synthetic
 from models import build_model
 from options import fixed_size

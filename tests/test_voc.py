@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 import main
-from datasets import build_dataset
 from datasets.coco import CocoDetection
 from datasets.synthetic import CATEGORIES, ensure_synthetic
 from datasets.voc import VOC_CLASSES, VocDetection, class_list, load_voc, parse_voc_xml
