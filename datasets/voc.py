@@ -23,7 +23,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 
 from util.errors import UserError
@@ -149,11 +149,17 @@ def load_voc(voc_root, sets, classes, keep_difficult: bool = False, flag: str = 
             image_path = voc_root / f"VOC{year}" / "JPEGImages" / f"{stem}.jpg"
             if not image_path.is_file():
                 raise UserError(f"{list_file} lists {stem} but its image {image_path} does not exist")
-            record = parse_voc_xml(voc_root / f"VOC{year}" / "Annotations" / f"{stem}.xml", classes)
+            xml = voc_root / f"VOC{year}" / "Annotations" / f"{stem}.xml"
+            if not xml.is_file():
+                raise UserError(f"annotation file {xml} not found ({list_file} lists {stem})")
+            record = parse_voc_xml(xml, classes)
             width, height = record.width, record.height
-            if width is None or height is None:
-                with Image.open(image_path) as im:  # reads the header only
-                    width, height = im.size
+            if width is None or height is None:  # no <size> in the XML: the image header has it
+                try:
+                    with Image.open(image_path) as im:
+                        width, height = im.size
+                except (OSError, UnidentifiedImageError) as e:
+                    raise UserError(f"cannot read image {image_path} (for the size {xml} lacks): {e}") from None
             image_id = len(images) + 1
             images.append({"id": image_id, "file_name": str(image_path.relative_to(voc_root)),
                            "width": width, "height": height})

@@ -114,6 +114,13 @@ def test_voc_dataset_targets_and_ground_truth(tmp_path):
     assert [a["iscrowd"] for a in keep.coco.dataset["annotations"]] == [0] * 5
 
 
+def test_size_missing_from_the_xml_comes_from_the_image(tmp_path):
+    root = write_devkit(tmp_path / "VOCdevkit", "2007", {"test": ["a"]}, {"a": (37, 21, [])})
+    (root / "VOC2007/Annotations/a.xml").write_text(_xml("a", 0, 0, [("dog", (2, 2, 9, 9), 0, 0)], size=False))
+    coco = load_voc(root, [("2007", "test")], VOC_CLASSES)
+    assert (coco.imgs[1]["width"], coco.imgs[1]["height"]) == (37, 21)
+
+
 # ---------------------------------------------------------------- AP
 
 def test_voc_ap_hand_computed_scenario(tmp_path):
