@@ -29,10 +29,13 @@ def fitted_size(height: int, width: int, canvas, num: int = 1, den: int = 1) -> 
     return max(1, new_h), max(1, new_w)
 
 
-def resize_to(img, target: dict, new_h: int, new_w: int):
-    """Resize to exactly (new_h, new_w); boxes and area scaled with the image."""
+def resize_to(img, target, new_h: int, new_w: int):
+    """Resize to exactly (new_h, new_w); boxes and area scaled with the image (``target`` None: the image
+    alone, for inference)."""
     w, h = img.size
     img = F.resize(img, [new_h, new_w])
+    if target is None:
+        return img, None
     ratio_w, ratio_h = new_w / w, new_h / h
     target = target.copy()
     if "boxes" in target:

@@ -15,7 +15,7 @@ import engine
 import main
 from datasets import transforms as T
 from datasets.coco import CocoDetection
-from datasets.fixed_size import fitted_size, make_fixed_size_transforms
+from datasets.fixed_size import FitResize, fitted_size, make_fixed_size_transforms
 from datasets.synthetic import ensure_synthetic
 from models import build_model
 from options import fixed_size
@@ -84,6 +84,9 @@ def test_transforms_fit_the_canvas_and_keep_relative_boxes(mixed):
         assert target["size"].tolist() == [h, w]
         # aspect kept: normalised boxes are the original ones up to the floor of one side
         torch.testing.assert_close(target["boxes"], plain[i][1]["boxes"], atol=0.02, rtol=0)
+    image = Image.open(images / val.coco.imgs[val.ids[1]]["file_name"])   # inference: the image alone
+    alone, nothing = FitResize(CANVAS)(image, None)
+    assert nothing is None and alone.size == tuple(val[1][0].shape[:0:-1])
     train = CocoDetection(images, ann, transforms=make_fixed_size_transforms(
         "train", CANVAS, **T.scaled_coco_transform_params(64)))
     torch.manual_seed(0)
