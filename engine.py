@@ -11,6 +11,7 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from datasets.coco_eval import DEFAULT_BACKEND, CocoEvaluator
+from datasets.voc_eval import VocEvaluator
 from util import dist
 from util.errors import UserError
 from util.misc import MetricLogger, PhaseTimer, SmoothedValue
@@ -23,6 +24,7 @@ EVAL_CONSOLE = LOSS_METERS + ("class_error",)
 # Phases of evaluate(), in order: stats 'time_<phase>' (seconds), and their names in the printed line.
 EVAL_PHASES = {"data": "data", "model": "model", "loss": "loss", "postprocess": "post-processing",
                "gather": "gathering", "scoring": "COCO scoring"}
+VOC_MEAN_NAMES = ("voc_mAP50_11point", "voc_mAP50_area")
 
 
 class ResumableSampler(DistributedSampler):
@@ -150,17 +152,20 @@ def _grad_norm(model: torch.nn.Module) -> float:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: Dict, data_loader: Iterable,
              base_ds, device: torch.device, amp: bool = False, log_every: int = 20,
-             coco_backend: str = DEFAULT_BACKEND) -> Tuple[Dict, List[float]]:
-    """Losses on the validation set and COCO bbox evaluation merged over all ranks.
+             coco_backend: str = DEFAULT_BACKEND, voc_metric: bool = False) -> Tuple[Dict, List[float]]:
+    """Losses on the validation set and COCO bbox evaluation merged over all ranks; with ``voc_metric`` also
+    the Pascal VOC metric on the same detections (datasets/voc_eval.py).
 
-    Returns (stats, coco_stats): stats has the averaged losses, 'coco_eval_bbox' (the 12 COCOeval numbers)
-    and 'time_<phase>' for each phase of EVAL_PHASES plus 'time_total' (seconds on this rank; the printed
-    line says where the time went); coco_stats is the list of 12.
+    Returns (stats, coco_stats): stats has the averaged losses, 'coco_eval_bbox' (the 12 COCOeval numbers),
+    with ``voc_metric`` 'voc_mAP50_11point', 'voc_mAP50_area' and 'voc_AP50_per_class', and 'time_<phase>'
+    for each phase of EVAL_PHASES plus 'time_total' (seconds on this rank; the printed line says where the
+    time went); coco_stats is the list of 12.
     """
     model.eval()
     criterion.eval()
     metric_logger = MetricLogger(delimiter="  ", show=EVAL_CONSOLE)
     evaluator = CocoEvaluator(base_ds, ("bbox",), backend=coco_backend)
+    voc_evaluator = VocEvaluator(base_ds) if voc_metric else None
     timer = PhaseTimer(device)
     began = time.perf_counter()
     for samples, targets in metric_logger.log_every(data_loader, log_every, "Test:"):
@@ -180,15 +185,22 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
         with timer("postprocess"):
             orig_sizes = torch.stack([t["orig_size"] for t in targets])
             results = postprocessors["bbox"](outputs, orig_sizes)
-            evaluator.update({t["image_id"].item(): r for t, r in zip(targets, results)})
+            per_image = {t["image_id"].item(): r for t, r in zip(targets, results)}
+            evaluator.update(per_image)
+            if voc_evaluator is not None:
+                voc_evaluator.update(per_image)
     with timer("gather"):
         metric_logger.synchronize_between_processes()
         evaluator.synchronize_between_processes()
+        if voc_evaluator is not None:
+            voc_evaluator.synchronize_between_processes()
     print("Averaged stats:", metric_logger.averages())
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     with timer("scoring"):
+        if voc_evaluator is not None:
+            stats.update(voc_evaluator.summarize())
         evaluator.accumulate()
         coco_stats = [float(x) for x in evaluator.summarize()]
-    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats["coco_eval_bbox"] = coco_stats
     stats.update({f"time_{phase}": timer.seconds[phase] for phase in EVAL_PHASES})
     stats["time_total"] = time.perf_counter() - began
@@ -206,9 +218,11 @@ def eval_time_line(stats: Dict, num_images: int, coco_backend: str) -> str:
 
 
 def final_metrics(test_stats: Dict) -> Dict[str, float]:
-    """The named COCO metrics of the last evaluation (empty if there was none)."""
+    """The named COCO metrics of the last evaluation, and its VOC mAPs where measured (empty if none)."""
     coco = test_stats.get("coco_eval_bbox") if test_stats else None
-    return dict(zip(COCO_METRIC_NAMES, coco)) if coco else {}
+    metrics = dict(zip(COCO_METRIC_NAMES, coco)) if coco else {}
+    metrics.update({k: test_stats[k] for k in VOC_MEAN_NAMES if test_stats and k in test_stats})
+    return metrics
 
 
 __all__ = ["train_one_epoch", "evaluate", "eval_time_line", "final_metrics", "ResumableSampler", "TrainResult", "NonFiniteLoss"]
