@@ -12,7 +12,6 @@ Evaluation fits the canvas at scale 1. Sizes are floored, so a resized image nev
 """
 import random
 
-
 from . import transforms as T
 
 
