@@ -8,8 +8,10 @@ All annotation checks run once at build time so bad data fails before
 training starts; only image decoding is checked per item.
 """
 import contextlib
+import functools
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -51,7 +53,18 @@ def coco_paths(root, image_set: str, images=None, ann_file=None) -> tuple[Path, 
 
 
 def load_coco_api(ann_file) -> COCO:
-    """pycocotools COCO without its progress prints; unreadable JSON is a UserError."""
+    """pycocotools COCO without its progress prints; unreadable JSON is a UserError. Parsed once per process
+    and file version (path, size, mtime): deriving --num_classes and building the dataset share one parse of
+    a large file (COCO's training annotations are about 450 MB). Callers treat the object as read-only."""
+    try:
+        stat = os.stat(ann_file)
+    except OSError as e:
+        raise UserError(f"cannot read annotation file {ann_file}: {e}") from e
+    return _parse_coco_api(os.path.abspath(ann_file), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_coco_api(ann_file: str, size: int, mtime_ns: int) -> COCO:
     try:
         with open(ann_file) as f:
             dataset = json.load(f)
