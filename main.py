@@ -1,6 +1,7 @@
 """Train and evaluate DETR and its SMCA ablations. Flag names and defaults are DETR's, plus the ablation flags."""
 import argparse
 import datetime
+import functools
 import json
 import os
 import sys
@@ -16,7 +17,8 @@ from torch.utils.data.distributed import DistributedSampler
 import datasets
 import engine
 from models import build_model
-from options import ablation_summary, check_args, get_args_parser, resolve_args  # noqa: F401 (DETR's API)
+from options import (ablation_summary, check_args, format_config, get_args_parser,  # noqa: F401 (DETR's API)
+                     resolve_args)
 from util import checkpoint as ckpt
 from util import dist
 from util import run_config
@@ -67,6 +69,11 @@ def _val_sampler(dataset_val):
     return SequentialSampler(dataset_val)
 
 
+def _collate(args):
+    """DETR's collate; with --fixed_size every batch is padded to that canvas (datasets/fixed_size.py)."""
+    return functools.partial(collate_fn, pad_to=args.fixed_size)
+
+
 @dataclass
 class Loaders:
     sampler_train: engine.ResumableSampler
@@ -81,7 +88,7 @@ def _loaders(args, dataset_train, dataset_val) -> Loaders:
     sampler_train = engine.ResumableSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True,
                                             seed=args.seed)
     sampler_val = _val_sampler(dataset_val)
-    common = dict(collate_fn=collate_fn, num_workers=args.num_workers, persistent_workers=False)
+    common = dict(collate_fn=_collate(args), num_workers=args.num_workers, persistent_workers=False)
     loader_train = DataLoader(dataset_train, batch_size=args.batch_size, sampler=sampler_train, drop_last=True,
                               **common)
     loader_val = DataLoader(dataset_val, batch_size=args.batch_size, sampler=sampler_val, drop_last=False, **common)
@@ -222,7 +229,7 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
             print(message)
     resolve_args(args)
     config = run_config.config_to_dict(args)
-    print(json.dumps(config, sort_keys=True))
+    print(format_config(args))
     print(ablation_summary(args))
 
     seed_everything(args.seed + dist.get_rank())
@@ -246,9 +253,10 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
     datasets.check_split(dataset_val, "val", need_annotations=True)
     base_ds = datasets.get_coco_api_from_dataset(dataset_val)
     if args.eval:
-        loader_val = DataLoader(dataset_val, batch_size=args.batch_size, collate_fn=collate_fn,
+        loader_val = DataLoader(dataset_val, batch_size=args.batch_size, collate_fn=_collate(args),
                                 num_workers=args.num_workers, sampler=_val_sampler(dataset_val))
-        stats, _ = engine.evaluate(model, criterion, postprocessors, loader_val, base_ds, device, amp=args.amp)
+        stats, _ = engine.evaluate(model, criterion, postprocessors, loader_val, base_ds, device, amp=args.amp,
+                                   coco_backend=args.coco_backend, voc_metric=datasets.uses_voc_metric(dataset_val))
         if folder is not None and dist.is_main_process():
             folder.prepare()
             ckpt.atomic_write_text(folder.path / "eval.json", json.dumps(stats), what="eval.json")
@@ -264,7 +272,8 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
     dataset_train = datasets.build_dataset("train", args)
     datasets.check_split(dataset_train, "train")
     loaders = _loaders(args, dataset_train, dataset_val)
-    diag_batch = next(iter(DataLoader(dataset_val, batch_size=min(2, len(dataset_val)), collate_fn=collate_fn)))[0]
+    diag_batch = next(iter(DataLoader(dataset_val, batch_size=min(2, len(dataset_val)),
+                                      collate_fn=_collate(args))))[0]
     # every input is checked: from here on the run writes (and --overwrite deletes the previous run)
     if trainer.writes:
         folder.prepare()
@@ -297,6 +306,7 @@ def train(trainer: Trainer, loaders: Loaders, diag_batch, base_ds, logger, preem
     redoes an epoch whose logs may be partial, and drops them first)."""
     args, device = trainer.args, trainer.device
     sampler_train, loader_train, loader_val = loaders.sampler_train, loaders.train, loaders.val
+    voc_metric = datasets.uses_voc_metric(loader_val.dataset)
     print("start training")
     start_time = time.time()
     test_stats = {}
@@ -323,7 +333,8 @@ def train(trainer: Trainer, loaders: Loaders, diag_batch, base_ds, logger, preem
         coco_stats = None
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             test_stats, coco_stats = engine.evaluate(trainer.model, trainer.criterion, trainer.postprocessors,
-                                                     loader_val, base_ds, device, amp=args.amp)
+                                                     loader_val, base_ds, device, amp=args.amp,
+                                                     coco_backend=args.coco_backend, voc_metric=voc_metric)
             metrics = engine.final_metrics(test_stats)
         if args.dynamic_scale != "none":
             logger.log_smca(epoch, trainer.model_without_ddp.smca_diagnostics(diag_batch.to(device)))
@@ -331,9 +342,13 @@ def train(trainer: Trainer, loaders: Loaders, diag_batch, base_ds, logger, preem
         log_stats = {**{f"train_{k}": v for k, v in result.stats.items()},
                      **({f"test_{k}": v for k, v in test_stats.items()} if coco_stats is not None else {}),
                      "epoch": epoch, "n_parameters": trainer.n_parameters, "epoch_time": epoch_time,
-                     "nonfinite_skipped": result.skipped}
+                     "nonfinite_skipped": result.skipped,
+                     # the x axis of TensorBoard's train_by_images/ (and of plot_logs.py --x images)
+                     "images_seen": trainer.tb_step * args.batch_size * dist.get_world_size()}
         # order: events, checkpoint (holding the log line), log line; a stop anywhere in between resumes
         # consistently (events past the checkpoint are dropped, a missing log line comes from the checkpoint)
+        if coco_stats is not None and voc_metric:
+            logger.log_voc(epoch, test_stats)
         logger.log_epoch(epoch, result.stats, coco_stats, epoch_time)
         trainer.save("checkpoint.pth", epoch, log_stats=log_stats, metrics=metrics)
         # keep a copy before each lr drop and every --save_every epochs (DETR)

@@ -21,6 +21,7 @@ CLI for the sbatch scripts: one line saying why, and the exit code (0: free to s
 import argparse
 import fnmatch
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -56,13 +57,16 @@ def run_files(folder) -> list[str]:
     return _matching(Path(folder), RUN_FILES)
 
 
-def finished_epochs(folder) -> Optional[int]:
-    """The epoch count ``finished.json`` records, or None when the run is not finished (or the file is
-    torn, e.g. by a full disk: then the run is resumable, not finished)."""
-    try:
-        return int(json.loads((Path(folder) / FINISHED).read_text())["epochs"])
-    except (OSError, ValueError, KeyError, TypeError):
+def finished_epochs(folder) -> Optional[float]:
+    """The epoch count ``finished.json`` records; None without the file; inf when the file does not say
+    (torn, or written by hand): such a run counts as finished for any --epochs."""
+    path = Path(folder) / FINISHED
+    if not path.exists():
         return None
+    try:
+        return int(json.loads(path.read_text())["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _logged_epochs(folder: Path) -> int:
@@ -86,7 +90,7 @@ def _finished_line(folder: Path, epochs: int) -> Optional[str]:
     done = finished_epochs(folder)
     if done is None or epochs > done:
         return None
-    return (f"already finished: {folder} finished {_epochs(done)} ({FINISHED}); nothing to do with --epochs {epochs} "
+    return (f"already finished: {_finished_text(folder, done)}; nothing to do with --epochs {epochs} "
             f"(a larger --epochs with --resume auto extends it)")
 
 
@@ -165,6 +169,12 @@ def _epochs(n: int) -> str:
     return f"{n} epoch{'' if n == 1 else 's'}"
 
 
+def _finished_text(folder: Path, done: float) -> str:
+    if done == math.inf:
+        return f"{folder} is finished ({FINISHED}, without an epoch count)"
+    return f"{folder} finished {_epochs(done)} ({FINISHED})"
+
+
 def _verdict(folder: Path, args) -> tuple[str, str]:
     """What the folder's content says about this start: ('run', ''), ('finished', line) or ('refuse', line)."""
     if args.eval:
@@ -241,7 +251,7 @@ def status(folder, epochs: Optional[int] = None, timeout_s: float = leases.DEFAU
     folder = Path(folder)
     done = finished_epochs(folder)
     if done is not None and (epochs is None or epochs <= done):
-        return STATUS_FINISHED, f"{folder} finished {_epochs(done)} ({FINISHED})"
+        return STATUS_FINISHED, _finished_text(folder, done)
     holder = leases.read_holder(folder)
     note = ""
     if holder is not None:
