@@ -166,7 +166,9 @@ def test_submitit_job_preempted_mid_run_is_requeued_and_resumes(slurm_cluster, t
     text = stdout.read_text()
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", text
     # (with a 10-minute limit submitit counts any stop as a timeout: it requeues either way)
-    assert "Caught signal SIGUSR2" in text and f"Requeued job {job_id}" in text
+    # Restarts == 1 above is the requeue; submitit's "Requeued job" line is not required: Slurm may end the job's
+    # processes, `scontrol requeue` itself included, before that line is written (seen on a loaded machine)
+    assert "Caught signal SIGUSR2" in text
     assert logged_epochs(out) == [0, 1, 2]  # every epoch logged exactly once
     assert (out / "finished.json").exists()
     assert text.count("world size: 1 (rank 0)") == 2  # started twice
@@ -242,7 +244,8 @@ def test_sweep_array_resubmitted_while_running_skips_the_live_run(slurm_cluster,
         assert [j["JobState"] for j in slurm_cluster.wait_job(again, WAIT_S)] == ["COMPLETED"]
     finally:
         slurm_cluster.run(["scancel", "--signal=CONT", first])
-    text = (logs / f"slurm-{again}_0.out").read_text().strip()
+    # the last line: a one-task array of a two-run sweep also warns that the array is short (on stderr, same file)
+    text = (logs / f"slurm-{again}_0.out").read_text().strip().splitlines()[-1]
     pid = owner["pid"]
     assert re.fullmatch(rf"skip \(live\): {name}: {run_dir} is in use by another run \(host \S+, pid {pid}, Slurm job "
                         rf"{first}_0, since \S+; pid {pid} is running on this host \(its heartbeat is \d+ s old\)\)",
@@ -292,7 +295,9 @@ def test_every_rank_of_a_refused_run_exits_2_before_writing(slurm_cluster, tmp_p
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: --output_dir {out} is in use by another run (host ")
     assert f"pid {holder.pid}," in errors[0]
-    assert re.search(r"srun: error: \S+: tasks 0-1: Exited with exit code 2", proc.stderr), proc.stderr
+    # srun reports the two tasks on one line ("tasks 0-1") or on two, depending on when each exited
+    assert re.search(r"srun: error: \S+: tasks 0-1: Exited with exit code 2", proc.stderr) or all(
+        re.search(rf"srun: error: \S+: task {t}: Exited with exit code 2", proc.stderr) for t in (0, 1)), proc.stderr
 
 
 def test_owner_on_another_host_is_judged_by_its_slurm_job(slurm_cluster, tmp_path):
