@@ -1,19 +1,30 @@
-"""Train one epoch and evaluate with pycocotools; explicit parameters, no argparse namespace."""
+"""Train one epoch and evaluate (COCO scoring: datasets/coco_eval.py); explicit parameters, no argparse namespace."""
 import contextlib
+import datetime
 import itertools
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from datasets.coco_eval import CocoEvaluator
+from datasets.coco_eval import DEFAULT_BACKEND, CocoEvaluator
+from datasets.voc_eval import VocEvaluator
 from util import dist
 from util.errors import UserError
-from util.misc import MetricLogger, SmoothedValue
+from util.misc import MetricLogger, PhaseTimer, SmoothedValue
 from util.tb import COCO_METRIC_NAMES
 
+# What the console shows per progress line; every meter still goes to TensorBoard and log.txt.
+LOSS_METERS = ("loss", "loss_ce", "loss_bbox", "loss_giou")
+TRAIN_CONSOLE = LOSS_METERS + ("lr",)
+EVAL_CONSOLE = LOSS_METERS + ("class_error",)
+# Phases of evaluate(), in order: stats 'time_<phase>' (seconds), and their names in the printed line.
+EVAL_PHASES = {"data": "data", "model": "model", "loss": "loss", "postprocess": "post-processing",
+               "gather": "gathering", "scoring": "COCO scoring"}
+VOC_MEAN_NAMES = ("voc_mAP50_11point", "voc_mAP50_area")
 
 
 class ResumableSampler(DistributedSampler):
@@ -36,11 +47,29 @@ class NonFiniteLoss(UserError):
     pass
 
 
+def nonfinite_outputs(outputs: dict) -> List[str]:
+    """Names of the model outputs holding a NaN or inf ('pred_boxes', 'aux_outputs[0].pred_logits', ...).
+    Checked before the loss: the matcher's GIoU asserts on NaN boxes, and scipy refuses NaN costs."""
+    named = [(k, v) for k, v in outputs.items() if isinstance(v, torch.Tensor)]
+    for i, aux in enumerate(outputs.get("aux_outputs", [])):
+        named += [(f"aux_outputs[{i}].{k}", v) for k, v in aux.items()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist()  # one device sync per step
+    return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
+def _nonfinite_on_any_rank(outputs: dict, device: torch.device) -> List[str]:
+    """``nonfinite_outputs`` agreed on by every rank (they must all take the same path or DDP hangs)."""
+    bad = nonfinite_outputs(outputs)
+    if dist.any_rank(bool(bad), device) and not bad:
+        bad = ["on another rank"]
+    return bad
+
+
 @dataclass
 class TrainResult:
     stats: Dict[str, float]
     step: int  # global iteration counter after the epoch (TensorBoard x axis)
-    skipped: int = 0  # batches skipped for a non-finite loss
+    skipped: int = 0  # batches skipped for a non-finite output or loss
     stopped_at: Optional[int] = None  # iterations done in this epoch when a stop was requested
 
 
@@ -61,11 +90,12 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     should_stop: Callable[[], bool] = lambda: False, start_iter: int = 0) -> TrainResult:
     """One pass over ``data_loader``. Stops early after ``max_iters`` steps (0: no cap) or when
     ``should_stop()`` turns true after a step (preemption: ``stopped_at`` says how many steps are done).
-    A non-finite loss raises NonFiniteLoss naming epoch, iteration and components, unless fewer than
-    ``skip_nonfinite`` batches were skipped so far (then the batch is skipped and counted)."""
+    A non-finite model output (checked first, on every rank) or loss raises NonFiniteLoss naming epoch,
+    iteration and the outputs or loss components, unless fewer than ``skip_nonfinite`` batches were skipped
+    so far (then the batch is skipped and counted)."""
     model.train()
     criterion.train()
-    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger = MetricLogger(delimiter="  ", show=TRAIN_CONSOLE)
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     total = len(data_loader) + start_iter
     if max_iters:
@@ -74,12 +104,27 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     weight_dict = criterion.weight_dict
     batches = itertools.islice(data_loader, total - start_iter)
     iterator = metric_logger.log_every(batches, log_every, f"Epoch: [{epoch}]", total=total, start=start_iter)
+
+    def nonfinite(what: str, i: int) -> None:
+        """Stop with NonFiniteLoss, or count the batch as skipped while --skip_nonfinite allows."""
+        if result.skipped >= skip_nonfinite:
+            raise NonFiniteLoss(f"{what} at epoch {epoch}, iteration {i}; stopped, the last checkpoint is untouched "
+                                f"(--skip_nonfinite N skips such batches)")
+        result.skipped += 1
+        print(f"skipping batch: {what} at epoch {epoch}, iteration {i}; {result.skipped} skipped so far")
+        optimizer.zero_grad(set_to_none=True)
+
     for i, (samples, targets) in enumerate(iterator, start=start_iter):
         samples = samples.to(device)
         targets = _targets_to(targets, device)
         with _autocast(device, amp):
             outputs = model(samples)
-        loss_dict = criterion({k: _float(v) for k, v in outputs.items()}, targets)
+        outputs = {k: _float(v) for k, v in outputs.items()}
+        bad = _nonfinite_on_any_rank(outputs, device)
+        if bad:
+            nonfinite(f"non-finite model output ({', '.join(bad)})", i)
+            continue
+        loss_dict = criterion(outputs, targets)
         losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 
         reduced = dist.reduce_dict({k: v.detach() for k, v in loss_dict.items()})
@@ -88,13 +133,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         loss_value = sum(scaled.values()).item()
         if not math.isfinite(loss_value):
             components = ", ".join(f"{k}={v.item():.4g}" for k, v in scaled.items())
-            if result.skipped >= skip_nonfinite:
-                raise NonFiniteLoss(f"non-finite loss {loss_value} at epoch {epoch}, iteration {i} ({components}); "
-                                    f"stopped, the last checkpoint is untouched (--skip_nonfinite N skips such batches)")
-            result.skipped += 1
-            print(f"skipping batch: non-finite loss at epoch {epoch}, iteration {i} ({components}); "
-                  f"{result.skipped} skipped so far")
-            optimizer.zero_grad(set_to_none=True)
+            nonfinite(f"non-finite loss {loss_value} ({components})", i)
             continue
 
         optimizer.zero_grad(set_to_none=True)
@@ -121,7 +160,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             result.stopped_at = i + 1
             break
     metric_logger.synchronize_between_processes()
-    print("Averaged stats:", metric_logger)
+    print("Averaged stats:", metric_logger.averages(LOSS_METERS + ("class_error",)))
     result.stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     return result
 
@@ -141,44 +180,84 @@ def _grad_norm(model: torch.nn.Module) -> float:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: Dict, data_loader: Iterable,
              base_ds, device: torch.device, amp: bool = False, log_every: int = 20,
+             coco_backend: str = DEFAULT_BACKEND, voc_metric: bool = False,
              evaluator: Optional[CocoEvaluator] = None) -> Tuple[Dict, List[float]]:
-    """Losses on the validation set and COCO bbox evaluation merged over all ranks.
+    """Losses on the validation set and COCO bbox evaluation merged over all ranks; with ``voc_metric`` also
+    the Pascal VOC metric on the same detections (datasets/voc_eval.py).
 
-    Returns (stats, coco_stats): stats has the averaged losses and 'coco_eval_bbox' (the 12 COCOeval numbers);
-    coco_stats is that list. Pass an ``evaluator`` to read its merged detections afterwards.
+    Returns (stats, coco_stats): stats has the averaged losses, 'coco_eval_bbox' (the 12 COCOeval numbers),
+    with ``voc_metric`` 'voc_mAP50_11point', 'voc_mAP50_area' and 'voc_AP50_per_class', and 'time_<phase>'
+    for each phase of EVAL_PHASES plus 'time_total' (seconds on this rank; the printed line says where the
+    time went); coco_stats is the list of 12. Pass an ``evaluator`` to read its merged detections afterwards.
     """
     model.eval()
     criterion.eval()
-    metric_logger = MetricLogger(delimiter="  ")
-    evaluator = evaluator if evaluator is not None else CocoEvaluator(base_ds, ("bbox",))
-    for samples, targets in metric_logger.log_every(data_loader, log_every, "Test:"):
-        samples = samples.to(device)
-        targets = _targets_to(targets, device)
-        with _autocast(device, amp):
-            outputs = model(samples)
-        outputs = {k: _float(v) for k, v in outputs.items()}
-        loss_dict = dist.reduce_dict(criterion(outputs, targets))
-        weight_dict = criterion.weight_dict
-        metric_logger.update(loss=sum(v * weight_dict[k] for k, v in loss_dict.items() if k in weight_dict),
-                             **{k: v * weight_dict[k] for k, v in loss_dict.items() if k in weight_dict},
-                             class_error=loss_dict.get("class_error", torch.zeros(())))
-        orig_sizes = torch.stack([t["orig_size"] for t in targets])
-        results = postprocessors["bbox"](outputs, orig_sizes)
-        evaluator.update({t["image_id"].item(): r for t, r in zip(targets, results)})
-    metric_logger.synchronize_between_processes()
-    print("Averaged stats:", metric_logger)
-    evaluator.synchronize_between_processes()
-    evaluator.accumulate()
-    coco_stats = [float(x) for x in evaluator.summarize()]
+    metric_logger = MetricLogger(delimiter="  ", show=EVAL_CONSOLE)
+    evaluator = evaluator if evaluator is not None else CocoEvaluator(base_ds, ("bbox",), backend=coco_backend)
+    voc_evaluator = VocEvaluator(base_ds) if voc_metric else None
+    timer = PhaseTimer(device)
+    began = time.perf_counter()
+    for batch, (samples, targets) in enumerate(metric_logger.log_every(data_loader, log_every, "Test:")):
+        timer.add("data", metric_logger.data_time)
+        with timer("model"):
+            samples = samples.to(device)
+            targets = _targets_to(targets, device)
+            with _autocast(device, amp):
+                outputs = model(samples)
+            outputs = {k: _float(v) for k, v in outputs.items()}
+        bad = _nonfinite_on_any_rank(outputs, device)
+        if bad:
+            raise NonFiniteLoss(f"non-finite model output ({', '.join(bad)}) in evaluation batch {batch}: the weights "
+                                f"or activations have diverged; nothing was saved for this epoch (resume from an "
+                                f"earlier checkpoint, e.g. with a lower --lr)")
+        with timer("loss"):
+            loss_dict = dist.reduce_dict(criterion(outputs, targets))
+            weight_dict = criterion.weight_dict
+            metric_logger.update(loss=sum(v * weight_dict[k] for k, v in loss_dict.items() if k in weight_dict),
+                                 **{k: v * weight_dict[k] for k, v in loss_dict.items() if k in weight_dict},
+                                 class_error=loss_dict.get("class_error", torch.zeros(())))
+        with timer("postprocess"):
+            orig_sizes = torch.stack([t["orig_size"] for t in targets])
+            results = postprocessors["bbox"](outputs, orig_sizes)
+            per_image = {t["image_id"].item(): r for t, r in zip(targets, results)}
+            evaluator.update(per_image)
+            if voc_evaluator is not None:
+                voc_evaluator.update(per_image)
+    with timer("gather"):
+        metric_logger.synchronize_between_processes()
+        evaluator.synchronize_between_processes()
+        if voc_evaluator is not None:
+            voc_evaluator.synchronize_between_processes()
+    print("Averaged stats:", metric_logger.averages())
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    with timer("scoring"):
+        if voc_evaluator is not None:
+            stats.update(voc_evaluator.summarize())
+        evaluator.accumulate()
+        coco_stats = [float(x) for x in evaluator.summarize()]
     stats["coco_eval_bbox"] = coco_stats
+    stats.update({f"time_{phase}": timer.seconds[phase] for phase in EVAL_PHASES})
+    stats["time_total"] = time.perf_counter() - began
+    print(eval_time_line(stats, len(evaluator.img_ids), coco_backend))
     return stats, coco_stats
 
 
+def eval_time_line(stats: Dict, num_images: int, coco_backend: str) -> str:
+    """'evaluation time 0:00:12 for 64 images (5.3 images/s): data 0.41 s, model 8.10 s, ...'."""
+    total = stats["time_total"]
+    rate = f"{num_images / total:.1f} images/s" if total > 0 else "-"
+    phases = ", ".join(f"{label} {stats[f'time_{phase}']:.2f} s" for phase, label in EVAL_PHASES.items())
+    return (f"evaluation time {datetime.timedelta(seconds=round(total))} for {num_images} images ({rate}): "
+            f"{phases} ({coco_backend})")
+
+
 def final_metrics(test_stats: Dict) -> Dict[str, float]:
-    """The named COCO metrics of the last evaluation (empty if there was none)."""
+    """The named COCO metrics of the last evaluation, and its VOC mAPs where measured (empty if none)."""
     coco = test_stats.get("coco_eval_bbox") if test_stats else None
-    return dict(zip(COCO_METRIC_NAMES, coco)) if coco else {}
+    metrics = dict(zip(COCO_METRIC_NAMES, coco)) if coco else {}
+    metrics.update({k: test_stats[k] for k in VOC_MEAN_NAMES if test_stats and k in test_stats})
+    return metrics
 
 
-__all__ = ["train_one_epoch", "evaluate", "final_metrics", "ResumableSampler", "TrainResult", "NonFiniteLoss"]
+__all__ = ["train_one_epoch", "evaluate", "eval_time_line", "final_metrics", "nonfinite_outputs", "ResumableSampler",
+           "TrainResult", "NonFiniteLoss"]

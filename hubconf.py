@@ -26,7 +26,7 @@ def _build(return_postprocessor: bool, cls_loss: str, backbone_weights: str, **a
         model = build_detr(**architecture, cls_loss=cls_loss, backbone_weights=backbone_weights)
     except UserError as e:
         raise UserError(f"{e} (in Python: backbone_weights='none' or a path)") from None
-    return (model, build_postprocessor(cls_loss)) if return_postprocessor else model
+    return (model, build_postprocessor(cls_loss, model.num_queries)) if return_postprocessor else model
 
 
 def _detr(entry: str, pretrained: bool, num_classes: int, return_postprocessor: bool, backbone_weights: str):

@@ -100,6 +100,7 @@ def load_detector(checkpoint: str, device: str = "cpu", trust: bool = False, che
     stored = ckpt.get("config")
     if stored:
         run_config.reconcile_config(args, set(architecture), stored, checkpoint)
+        args.num_detections = stored.get("num_detections")  # the run's cap on detections per image
     else:
         if "dilation" not in architecture:
             args.dilation = "dc5" in os.path.basename(checkpoint).lower()
@@ -115,8 +116,9 @@ def load_detector(checkpoint: str, device: str = "cpu", trust: bool = False, che
     model.to(device).eval()
     dataset_file = stored.get("dataset_file") if stored else None
     class_names = ckpt.get("class_names") or default_class_names(dataset_file, args.num_classes)
-    transform = datasets.eval_transform(dataset_file, stored.get("synthetic_image_size") if stored else None)
-    return Detector(model=model, postprocessor=build_postprocessor(args.cls_loss),
+    transform = datasets.eval_transform(stored)
+    postprocessor = build_postprocessor(args.cls_loss, args.num_queries, args.num_detections)
+    return Detector(model=model, postprocessor=postprocessor,
                     class_names=None if class_names is None else {int(k): str(v) for k, v in class_names.items()},
                     transform=transform, config={**(stored or {}), **{f: getattr(args, f) for f in ARCH_FLAGS}},
                     source=checkpoint)

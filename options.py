@@ -7,15 +7,20 @@ a resumed or evaluated model takes these flags from its checkpoint (util/run_con
 not one: the auxiliary heads share the final head's weights, so it changes the loss, never the weights.
 """
 import argparse
+import math
 import os
 
 import torch
 
 import datasets
+from datasets.coco_eval import COCO_BACKENDS
 from models import resolve_cls_loss
+from util import lease, run_folder
 from util.errors import UserError
 
 DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
+PRIOR_IMPLS = ("fused", "explicit")  # models/spatial_prior.py
+COCO_PATH_FLAGS = ("train_images", "train_ann", "val_images", "val_ann")
 # defaults that depend on the classification loss: (ce, focal); focal's are the research code's
 LOSS_DEFAULTS = {"ce": {"cls_loss_coef": 1.0, "set_cost_class": 1.0},
                  "focal": {"cls_loss_coef": 2.0, "set_cost_class": 2.0}}
@@ -32,19 +37,64 @@ def architecture_flags(parser: argparse.ArgumentParser) -> tuple:
     return tuple(a.dest for a in parser._actions if getattr(a, "architecture", False))
 
 
+def number(low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False):
+    """An argparse ``type`` for a finite float in [low, high] (an open end with ``low_open``/``high_open``):
+    nan, inf and out-of-range values fail at parse time with the flag's name and its range."""
+    if low is not None and high is not None:
+        wanted = f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        wanted = f"a finite number {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        wanted = f"a finite number {'<' if high_open else '<='} {high:g}"
+    else:
+        wanted = "a finite number"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        ok = math.isfinite(value)
+        ok = ok and (low is None or (value > low if low_open else value >= low))
+        ok = ok and (high is None or (value < high if high_open else value <= high))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+NONNEGATIVE = number(0.0)
+
+
+def fixed_size(text: str) -> tuple:
+    """--fixed_size value: N (a square canvas) or HxW -> (H, W)."""
+    height, sep, width = text.strip().lower().partition("x")
+    try:
+        size = (int(height), int(width if sep else height))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW (e.g. 1024 or 800x1333), got {text!r}") from None
+    if min(size) <= 0:
+        raise argparse.ArgumentTypeError(f"the canvas must be at least 1x1, got {text!r}")
+    return size
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("DETR / SMCA ablations", add_help=False, allow_abbrev=False)
 
     def arch(*names, **kwargs):  # an architecture flag (see the module docstring)
         return architecture(parser.add_argument(*names, **kwargs))
 
-    parser.add_argument("--lr", default=1e-4, type=float)
-    parser.add_argument("--lr_backbone", default=1e-5, type=float)
+    parser.add_argument("--lr", default=1e-4, type=NONNEGATIVE)
+    parser.add_argument("--lr_backbone", default=1e-5, type=NONNEGATIVE,
+                        help="0 freezes the backbone")
     parser.add_argument("--batch_size", default=2, type=int)
-    parser.add_argument("--weight_decay", default=1e-4, type=float)
+    parser.add_argument("--weight_decay", default=1e-4, type=NONNEGATIVE)
     parser.add_argument("--epochs", default=300, type=int)
     parser.add_argument("--lr_drop", default=200, type=int)
-    parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
+    parser.add_argument("--clip_max_norm", default=0.1, type=NONNEGATIVE, help="gradient clipping max norm (0: off)")
     parser.add_argument("--frozen_weights", type=str, default=None,
                         help="DETR's segmentation-only flag; not supported by this fork")
 
@@ -62,7 +112,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     arch("--dec_layers", default=6, type=int)
     arch("--dim_feedforward", default=2048, type=int)
     arch("--hidden_dim", default=256, type=int)
-    parser.add_argument("--dropout", default=0.1, type=float)
+    parser.add_argument("--dropout", default=0.1, type=number(0.0, 1.0, high_open=True))
     arch("--nheads", default=8, type=int)
     arch("--num_queries", default=100, type=int)
     arch("--pre_norm", action="store_true")
@@ -71,36 +121,71 @@ def get_args_parser() -> argparse.ArgumentParser:
     # SMCA ablations (docs/ablation-modules.md)
     arch("--dynamic_scale", default="none", choices=DYNAMIC_SCALES,
          help="spatially modulated co-attention and its scale variant; none = plain DETR")
-    arch("--smooth", default=8.0, type=float, help="bandwidth beta of the log-prior -D / beta")
+    arch("--smooth", default=8.0, type=number(0.0, low_open=True), help="bandwidth beta of the log-prior -D / beta")
     arch("--head_mixture", action="store_true", help="prior on the first half of the heads only")
     arch("--query_mixture", action="store_true",
          help="the first half of the queries are plain DETR queries")
+    # not an architecture flag: both routes compute the same logits with the same weights
+    parser.add_argument("--prior_impl", default="fused", choices=PRIOR_IMPLS,
+                        help="fused: the prior as extra q/k dims of the co-attention (no (Q, H*W) tensor); "
+                             "explicit: the prior G as an additive mask (reference)")
 
     # loss
     parser.add_argument("--no_aux_loss", action="store_true", help="loss on the last decoder layer only")
     arch("--cls_loss", default="auto", choices=("auto", "ce", "focal"),
          help="auto: focal with --dynamic_scale, ce without")
-    parser.add_argument("--focal_alpha", default=0.25, type=float)
-    parser.add_argument("--focal_gamma", default=2.0, type=float)
-    parser.add_argument("--set_cost_class", default=None, type=float, help="default: 1 (ce) / 2 (focal)")
-    parser.add_argument("--set_cost_bbox", default=5.0, type=float)
-    parser.add_argument("--set_cost_giou", default=2.0, type=float)
-    parser.add_argument("--cls_loss_coef", default=None, type=float, help="default: 1 (ce) / 2 (focal)")
-    parser.add_argument("--bbox_loss_coef", default=5.0, type=float)
-    parser.add_argument("--giou_loss_coef", default=2.0, type=float)
-    parser.add_argument("--eos_coef", default=0.1, type=float, help="no-object class weight (ce)")
+    parser.add_argument("--focal_alpha", default=0.25, type=number(0.0, 1.0))
+    parser.add_argument("--focal_gamma", default=2.0, type=NONNEGATIVE)
+    parser.add_argument("--set_cost_class", default=None, type=NONNEGATIVE, help="default: 1 (ce) / 2 (focal)")
+    parser.add_argument("--set_cost_bbox", default=5.0, type=NONNEGATIVE)
+    parser.add_argument("--set_cost_giou", default=2.0, type=NONNEGATIVE)
+    parser.add_argument("--cls_loss_coef", default=None, type=NONNEGATIVE, help="default: 1 (ce) / 2 (focal)")
+    parser.add_argument("--bbox_loss_coef", default=5.0, type=NONNEGATIVE)
+    parser.add_argument("--giou_loss_coef", default=2.0, type=NONNEGATIVE)
+    parser.add_argument("--eos_coef", default=0.1, type=NONNEGATIVE, help="no-object class weight (ce)")
 
-    # data
-    parser.add_argument("--dataset_file", default=None, choices=("coco", "synthetic"),
-                        help="default: coco when --coco_path is given (DETR's commands), else the embedded synthetic set")
-    parser.add_argument("--coco_path", type=str, default=None)
+    # evaluation
+    parser.add_argument("--num_detections", default=None, type=int,
+                        help="detections kept per image for evaluation; default: num_queries (query, class) "
+                             "pairs for focal (the original SMCA post-processing), one per query for ce (DETR)")
+
+    # data (README "Your own data")
+    parser.add_argument("--dataset_file", default=None, choices=("coco", "voc", "synthetic"),
+                        help="default: coco when --coco_path or a --train_*/--val_* path is given (DETR's commands), "
+                             "voc when --voc_path is given, else the embedded synthetic set")
+    parser.add_argument("--coco_path", type=str, default=None,
+                        help="COCO layout: train2017/ val2017/ annotations/instances_{train,val}2017.json")
+    for split in ("train", "val"):
+        parser.add_argument(f"--{split}_images", type=str, default=None,
+                            help=f"{split} image folder of a COCO-format set (default: <coco_path>/{split}2017)")
+        parser.add_argument(f"--{split}_ann", type=str, default=None,
+                            help=f"{split} COCO annotation file (default: "
+                                 f"<coco_path>/annotations/instances_{split}2017.json)")
     arch("--num_classes", type=int, default=None,
-         help="largest category id + 1 (default: 91 for COCO, derived for synthetic)")
+         help="largest category id + 1 (default: read from the annotation file and printed; 91 for COCO 2017)")
+    parser.add_argument("--voc_path", type=str, default=None, help="a VOCdevkit folder (holding VOC2007/, VOC2012/)")
+    parser.add_argument("--voc_train", type=str, default="2007-trainval,2012-trainval",
+                        help="YEAR-SET,...: VOC<YEAR>/ImageSets/Main/<SET>.txt lists of training images")
+    parser.add_argument("--voc_val", type=str, default="2007-test", help="YEAR-SET,... of the evaluated images")
+    parser.add_argument("--voc_classes", type=str, default=None,
+                        help="class names, comma-separated or a file with one per line (category ids 1..K in "
+                             "that order); default: the 20 Pascal VOC classes")
+    parser.add_argument("--voc_keep_difficult", action="store_true",
+                        help="train on objects marked difficult too (evaluation always ignores them, as VOC)")
+    parser.add_argument("--mosaic", type=number(0.0, 1.0), default=0.0,
+                        help="probability that a training sample is a 2x2 mosaic of four images (0: off)")
+    parser.add_argument("--fixed_size", type=fixed_size, default=None, metavar="N|HxW",
+                        help="resize (aspect kept) and pad every train and eval image to one HxW canvas")
     parser.add_argument("--synthetic_root", type=str,
                         default=os.path.join(os.path.expanduser("~"), ".cache", "smca_detr", "synthetic"))
     parser.add_argument("--synthetic_train_size", type=int, default=512)
     parser.add_argument("--synthetic_val_size", type=int, default=64)
     parser.add_argument("--synthetic_image_size", type=int, default=128)
+    parser.add_argument("--synthetic_seed", type=int, default=None,
+                        help="seed that generates the synthetic set (default: --seed); fix it when runs differ "
+                             "in --seed, so the seeds vary the training, not the data")
+    parser.add_argument("--synthetic_format", default="coco", choices=("coco", "voc"),
+                        help="layout the synthetic set is written in and read from")
     parser.add_argument("--skip_bad_images", action="store_true",
                         help="skip (and count) unreadable images instead of stopping")
 
@@ -113,11 +198,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust_checkpoint", action="store_true",
                         help="allow checkpoints that need full unpickling (only for files you trust)")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
-    parser.add_argument("--eval", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an --output_dir that holds a run: deletes its checkpoints, logs and events")
+    parser.add_argument("--owner_timeout", default=lease.DEFAULT_TIMEOUT_S, type=number(0.0, low_open=True),
+                        metavar="SECONDS",
+                        help="a run folder's owner on another host without a heartbeat for this long is taken over "
+                             "(README: Run folders)")
+    parser.add_argument("--eval", action="store_true", help="evaluate the weights of --resume and exit")
     parser.add_argument("--save_detections", action="store_true",
                         help="with --eval: write the evaluated split's detections as COCO results "
                              "(<output_dir>/detections.json)")
+    parser.add_argument("--eval_untrained", action="store_true",
+                        help="allow --eval without --resume: score the untrained model on purpose")
     parser.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
+    parser.add_argument("--coco_backend", default="faster_coco_eval", choices=COCO_BACKENDS,
+                        help="COCO scoring: faster_coco_eval (C++, same 12 numbers, several times faster) or "
+                             "pycocotools (the reference)")
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     parser.add_argument("--log_every", default=20, type=int, help="progress line and TensorBoard point every N steps")
@@ -132,8 +228,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Parse-time validation of values and combinations; raises UserError with one clear message."""
-    if args.dataset_file is None:
-        args.dataset_file = "coco" if args.coco_path else "synthetic"
+    _check_dataset_flags(args)
     positive = ("batch_size", "epochs", "lr_drop", "enc_layers", "dec_layers", "hidden_dim", "nheads",
                 "num_queries", "dim_feedforward", "log_every", "save_every", "eval_every")
     for name in positive:
@@ -143,10 +238,8 @@ def check_args(args) -> None:
         raise UserError(f"--hidden_dim {args.hidden_dim} must be divisible by --nheads {args.nheads}")
     if args.hidden_dim % 2:
         raise UserError(f"--hidden_dim {args.hidden_dim} must be even (half goes to x, half to y positions)")
-    if not 0 <= args.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.smooth <= 0:
-        raise UserError(f"--smooth must be > 0 (it divides the squared distance), got {args.smooth}")
+    if args.num_detections is not None and args.num_detections <= 0:
+        raise UserError(f"--num_detections must be positive, got {args.num_detections}")
     for flag in ("head_mixture", "query_mixture"):
         if getattr(args, flag) and args.dynamic_scale == "none":
             raise UserError(f"--{flag} mixes the spatial prior with plain attention and needs --dynamic_scale "
@@ -167,14 +260,45 @@ def check_args(args) -> None:
         raise UserError(f"--amp uses bf16 autocast on CUDA; --device is {args.device}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} but CUDA is not available; use --device cpu")
-    if args.skip_nonfinite < 0 or args.max_iters_per_epoch < 0 or args.start_epoch < 0:
-        raise UserError("--skip_nonfinite, --max_iters_per_epoch and --start_epoch must be >= 0")
+    if min(args.skip_nonfinite, args.max_iters_per_epoch, args.start_epoch, args.num_workers) < 0:
+        raise UserError("--skip_nonfinite, --max_iters_per_epoch, --start_epoch and --num_workers must be >= 0")
+    if args.eval and not (args.resume or args.finetune_from or args.eval_untrained):
+        raise UserError("--eval scores trained weights but no --resume PATH was given; pass --resume PATH|URL (or "
+                        "--finetune_from PATH), or --eval_untrained to score the untrained model on purpose")
+    if args.overwrite and args.eval:
+        raise UserError("--overwrite starts a new training run in --output_dir; it has no meaning with --eval")
+    if args.overwrite and args.output_dir and run_folder.continues_folder(args):
+        raise UserError(f"--overwrite starts over but --resume {args.resume} continues the run in --output_dir; "
+                        f"pass one of them")
     if args.save_detections and not (args.eval and args.output_dir):
         raise UserError("--save_detections writes <output_dir>/detections.json of an evaluation; "
                         "it needs --eval and --output_dir")
     if args.resume and args.finetune_from:
         raise UserError("--resume and --finetune_from exclude each other: resume continues a run, "
                         "finetune_from starts a new one from another run's weights")
+
+
+def _check_dataset_flags(args) -> None:
+    """Infer --dataset_file where it is left out; refuse dataset flags that the chosen dataset would ignore."""
+    paths = [f"--{name}" for name in COCO_PATH_FLAGS if getattr(args, name)]
+    if args.dataset_file is None:
+        if args.voc_path and (args.coco_path or paths):
+            raise UserError(f"--voc_path and {(['--coco_path'] if args.coco_path else paths)[0]} name two datasets; "
+                            f"pass --dataset_file voc or coco")
+        args.dataset_file = "voc" if args.voc_path else "coco" if (args.coco_path or paths) else "synthetic"
+    if paths and args.dataset_file != "coco":
+        raise UserError(f"{paths[0]} names part of a COCO-format set and needs --dataset_file coco "
+                        f"(got {args.dataset_file})")
+    for flag in ("voc_path", "voc_classes"):
+        if getattr(args, flag) and args.dataset_file != "voc":
+            raise UserError(f"--{flag} needs --dataset_file voc (got {args.dataset_file})")
+    voc_layout = args.dataset_file == "voc" or (args.dataset_file == "synthetic" and args.synthetic_format == "voc")
+    if args.voc_keep_difficult and not voc_layout:
+        raise UserError("--voc_keep_difficult needs a VOC-layout set (--dataset_file voc, or synthetic with "
+                        "--synthetic_format voc)")
+    if args.synthetic_format != "coco" and args.dataset_file != "synthetic":
+        raise UserError(f"--synthetic_format {args.synthetic_format} needs --dataset_file synthetic "
+                        f"(got {args.dataset_file})")
 
 
 def resolve_loss(args) -> None:
@@ -193,10 +317,32 @@ def resolve_args(args) -> None:
         args.num_classes = datasets.num_classes_for(args)
 
 
+def _automatic_values(args) -> dict:
+    """What the 'auto' / None defaults resolve to for these flags (resolve_loss, check_args)."""
+    cls_loss = "ce" if args.dynamic_scale == "none" else "focal"
+    coefficients = LOSS_DEFAULTS[args.cls_loss if args.cls_loss in LOSS_DEFAULTS else cls_loss]
+    return {"cls_loss": cls_loss, **coefficients, "dataset_file": "coco" if args.coco_path else "synthetic"}
+
+
+def format_config(args) -> str:
+    """The flags whose value differs from main.py's default, as an aligned block in definition order, for the
+    console. A flag left at 'auto' (cls_loss and the loss defaults it picks, dataset_file) is not listed;
+    num_classes, derived from the data, is. Every flag is in config.json and the HPARAMS dashboard."""
+    defaults = {action.dest: action.default for action in get_args_parser()._actions}
+    automatic = _automatic_values(args)
+    changed = [(name, getattr(args, name)) for name, default in defaults.items()
+               if hasattr(args, name) and getattr(args, name) not in (default, automatic.get(name, default))]
+    if not changed:
+        return "flags: all at their defaults"
+    width = max(len(name) for name, _ in changed)
+    lines = [f"  {name:<{width}}  {value}" for name, value in changed]
+    return "\n".join(["flags that differ from the defaults (every flag: config.json, TensorBoard HPARAMS):", *lines])
+
+
 def ablation_summary(args) -> str:
     prior = "off (plain DETR co-attention)" if args.dynamic_scale == "none" else (
         f"{args.dynamic_scale}, smooth {args.smooth:g}, head_mixture {args.head_mixture}, "
-        f"query_mixture {args.query_mixture}")
+        f"query_mixture {args.query_mixture}, {args.prior_impl} route")
     return (f"ablation: dynamic_scale {prior}; cls_loss {args.cls_loss} (coef {args.cls_loss_coef:g}, "
             f"match cost {args.set_cost_class:g}); num_queries {args.num_queries}")
 

@@ -1,17 +1,30 @@
 """Dataset builders: the args namespace is read here and nowhere below."""
+import argparse
+from collections.abc import Mapping
+from typing import Callable, Optional
+
 import torch
 
 from util.errors import UserError
 
 from .class_names import COCO_NUM_CLASSES, class_names_of  # noqa: F401 (part of the package's API)
-from .coco import build_coco, max_category_id
-from .synthetic import (DEFAULT_IMAGE_SIZE, DEFAULT_ROOT, DEFAULT_TRAIN_SIZE, DEFAULT_VAL_SIZE,
-                        ensure_synthetic)
-from .transforms import Compose, make_coco_transforms, scaled_coco_transform_params
+from .coco import build_coco, coco_paths, max_category_id
+from .fixed_size import make_fixed_size_transforms
+from .mosaic import Mosaic
+from .synthetic import (CATEGORIES, DEFAULT_IMAGE_SIZE, DEFAULT_ROOT, DEFAULT_TRAIN_SIZE, DEFAULT_VAL_SIZE,
+                        VOC_YEAR, ensure_synthetic)
+from .transforms import make_coco_transforms, scaled_coco_transform_params
+from .voc import VocDetection, class_list, parse_set_list
+
+DATASETS = ("coco", "voc", "synthetic")
 
 
 def _or_default(value, default):
     return default if value is None or value == "" else value
+
+
+def _synthetic_format(args) -> str:
+    return getattr(args, "synthetic_format", None) or "coco"
 
 
 def _synthetic_root(args):
@@ -19,10 +32,11 @@ def _synthetic_root(args):
     image_size = int(_or_default(args.synthetic_image_size, DEFAULT_IMAGE_SIZE))
     path = ensure_synthetic(
         root=_or_default(args.synthetic_root, DEFAULT_ROOT),
-        seed=int(args.seed),
+        seed=int(_or_default(getattr(args, "synthetic_seed", None), args.seed)),
         train_size=int(_or_default(args.synthetic_train_size, DEFAULT_TRAIN_SIZE)),
         val_size=int(_or_default(args.synthetic_val_size, DEFAULT_VAL_SIZE)),
         image_size=image_size,
+        fmt=_synthetic_format(args),
     )
     return path, image_size
 
@@ -30,43 +44,129 @@ def _synthetic_root(args):
 def _check_supported(args) -> None:
     if getattr(args, "masks", False):
         raise UserError("--masks (segmentation) is not supported by this fork; remove --masks")
-    if args.dataset_file not in ("coco", "synthetic"):
-        raise UserError(f"--dataset_file {args.dataset_file!r} is unknown; use coco or synthetic")
+    if args.dataset_file not in DATASETS:
+        raise UserError(f"--dataset_file {args.dataset_file!r} is unknown; use one of {', '.join(DATASETS)}")
+
+
+def _is_voc(args) -> bool:
+    return args.dataset_file == "voc" or (args.dataset_file == "synthetic" and _synthetic_format(args) == "voc")
+
+
+def _voc_classes(args) -> tuple:
+    if args.dataset_file == "synthetic":
+        return tuple(name for _, name, _ in CATEGORIES)
+    return class_list(getattr(args, "voc_classes", None))
+
+
+def _voc_source(args, image_set: str):
+    """(VOCdevkit folder, [(year, set)], the flag naming the sets) of a VOC-layout split."""
+    if args.dataset_file == "synthetic":
+        root, _ = _synthetic_root(args)
+        return root, [(VOC_YEAR, image_set)], "--synthetic_format voc"
+    if not getattr(args, "voc_path", None):
+        raise UserError("--voc_path is required for --dataset_file voc (the VOCdevkit folder holding VOC2007/ ...)")
+    flag = f"--voc_{image_set}"
+    return args.voc_path, parse_set_list(getattr(args, f"voc_{image_set}"), flag), flag
+
+
+def _coco_ann_file(args, image_set: str):
+    if args.dataset_file == "synthetic":
+        root, _ = _synthetic_root(args)
+        return coco_paths(root, image_set)[1]
+    return coco_paths(args.coco_path, image_set, getattr(args, f"{image_set}_images", None),
+                      getattr(args, f"{image_set}_ann", None))[1]
 
 
 def num_classes_for(args) -> int:
-    """--num_classes if given; 91 for COCO; max category id + 1 for synthetic."""
+    """--num_classes if given; else DETR's rule, largest category id + 1 (class num_classes is "no object"),
+    read from the data and printed: from the training annotation file (the evaluated one under --eval), or
+    from the class list of a VOC set (ids 1..K). COCO 2017 gives 91, as DETR."""
     _check_supported(args)
     if args.num_classes is not None:
         return int(args.num_classes)
-    if args.dataset_file == "coco":
-        return COCO_NUM_CLASSES
-    root, _ = _synthetic_root(args)
-    return max_category_id(root / "annotations" / "instances_train2017.json") + 1
+    if _is_voc(args):
+        classes = _voc_classes(args)
+        print(f"num_classes {len(classes) + 1}: {len(classes)} VOC-layout classes with category ids "
+              f"1..{len(classes)}, plus 1 (pass --num_classes to set it)")
+        return len(classes) + 1
+    ann_file = _coco_ann_file(args, "val" if getattr(args, "eval", False) else "train")
+    largest = max_category_id(ann_file)
+    print(f"num_classes {largest + 1}: largest category id {largest} in {ann_file}, plus 1 "
+          f"(pass --num_classes to set it)")
+    return largest + 1
+
+
+def _transforms(image_set: str, args):
+    """DETR's train/val transforms, scaled down to the image size for the synthetic set, or their
+    fixed-size variant (datasets/fixed_size.py) with --fixed_size."""
+    params = {}
+    if args.dataset_file == "synthetic":
+        params = scaled_coco_transform_params(int(_or_default(args.synthetic_image_size, DEFAULT_IMAGE_SIZE)))
+    fixed_size = getattr(args, "fixed_size", None)
+    if fixed_size:
+        return make_fixed_size_transforms(image_set, fixed_size, **params)
+    return make_coco_transforms(image_set, **params)
 
 
 def build_dataset(image_set: str, args):
-    """'train' or 'val' split of --dataset_file, with DETR's transforms
-    (scaled down to the image size for the synthetic set)."""
+    """'train' or 'val' split of --dataset_file with its transforms; the training split wrapped in Mosaic
+    (datasets/mosaic.py) when --mosaic > 0."""
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
     num_classes = num_classes_for(args)
     skip_bad_images = bool(getattr(args, "skip_bad_images", False))
-    if args.dataset_file == "coco":
-        return build_coco(image_set, args.coco_path, make_coco_transforms(image_set), num_classes,
-                          skip_bad_images)
-    root, image_size = _synthetic_root(args)
-    transforms = make_coco_transforms(image_set, **scaled_coco_transform_params(image_size))
-    return build_coco(image_set, root, transforms, num_classes, skip_bad_images)
+    transforms = _transforms(image_set, args)
+    mosaic = float(getattr(args, "mosaic", 0) or 0) if image_set == "train" else 0.0
+    # Mosaic composes untransformed images and runs the transforms itself
+    item_transforms = None if mosaic else transforms
+    if _is_voc(args):
+        root, sets, flag = _voc_source(args, image_set)
+        keep_difficult = image_set == "train" and bool(getattr(args, "voc_keep_difficult", False))
+        dataset = VocDetection(root, sets, _voc_classes(args), transforms=item_transforms, num_classes=num_classes,
+                               skip_bad_images=skip_bad_images, keep_difficult=keep_difficult, flag=flag)
+    elif args.dataset_file == "coco":
+        dataset = build_coco(image_set, args.coco_path, item_transforms, num_classes, skip_bad_images,
+                             images=getattr(args, f"{image_set}_images", None),
+                             ann_file=getattr(args, f"{image_set}_ann", None))
+    else:
+        root, _ = _synthetic_root(args)
+        dataset = build_coco(image_set, root, item_transforms, num_classes, skip_bad_images)
+    return Mosaic(dataset, transforms, mosaic) if mosaic else dataset
 
 
-def eval_transform(dataset_file: str | None = "coco", synthetic_image_size: int | None = None) -> Compose:
-    """The validation transform of a run on ``dataset_file`` (a checkpoint's config; None for DETR's official
-    checkpoints, which are COCO's): call it with a PIL image alone for the normalised (3, H, W) model input."""
-    if dataset_file == "synthetic":
-        image_size = int(_or_default(synthetic_image_size, DEFAULT_IMAGE_SIZE))
-        return make_coco_transforms("val", **scaled_coco_transform_params(image_size))
-    return make_coco_transforms("val")
+def uses_voc_metric(dataset) -> bool:
+    """Whether evaluation on ``dataset`` also reports the VOC metric (datasets/voc_eval.py)."""
+    while isinstance(dataset, (torch.utils.data.Subset, Mosaic)):
+        dataset = dataset.dataset
+    return isinstance(dataset, VocDetection)
+
+
+def check_split(dataset, image_set: str, need_annotations: bool = False) -> None:
+    """Fail before training when a split cannot be used, naming its annotation file: no images, or (for the
+    split COCO evaluation scores) no annotations, which would make every metric -1."""
+    base = dataset
+    while isinstance(base, (torch.utils.data.Subset, Mosaic)):
+        base = base.dataset
+    source = getattr(base, "ann_file", None) or f"the {image_set} split"
+    if len(dataset) == 0:
+        raise UserError(f"the {image_set} set is empty: {source} lists no images; check --coco_path / the split")
+    if need_annotations and not base.coco.dataset.get("annotations"):
+        raise UserError(f"the {image_set} set has no annotations: {source} lists {len(dataset)} images and no "
+                        f"boxes, so COCO evaluation would report -1 for every metric; use a split with annotations")
+
+
+def eval_transform(config: Optional[Mapping] = None) -> Callable:
+    """The validation transform of the run a checkpoint's stored ``config`` describes (its --dataset_file,
+    --synthetic_image_size, --fixed_size; None: DETR's official checkpoints, COCO's), as a function of an
+    image alone: PIL image -> normalised (3, H, W) model input."""
+    flags = argparse.Namespace(**{"dataset_file": "coco", "synthetic_image_size": None, "fixed_size": None,
+                                  **(config or {})})
+    transforms = _transforms("val", flags)
+
+    def transform(image):
+        return transforms(image, None)[0]
+
+    return transform
 
 
 def get_coco_api_from_dataset(dataset):

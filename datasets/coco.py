@@ -8,16 +8,20 @@ All annotation checks run once at build time so bad data fails before
 training starts; only image decoding is checked per item.
 """
 import contextlib
+import functools
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pycocotools.coco import COCO
 
 from util.dist import is_main_process
+
+from .images import ImageDecodeError, load_rgb
 from util.errors import UserError
 
 COCO_LAYOUT = "--coco_path with train2017/ val2017/ annotations/instances_{train,val}2017.json"
@@ -28,25 +32,41 @@ def _warn(msg: str) -> None:
         print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def coco_paths(root, image_set: str) -> tuple[Path, Path]:
-    """Image folder and annotation file of ``image_set`` under a COCO root;
-    raises UserError naming the first path that is missing."""
-    if root is None or str(root) == "":
-        raise UserError(f"--coco_path is required for --dataset_file coco (expects {COCO_LAYOUT})")
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise UserError(f"--coco_path {root} is not a directory (expects {COCO_LAYOUT})")
-    img_folder = root / f"{image_set}2017"
-    ann_file = root / "annotations" / f"instances_{image_set}2017.json"
+def coco_paths(root, image_set: str, images=None, ann_file=None) -> tuple[Path, Path]:
+    """Image folder and annotation file of ``image_set``: ``images`` / ``ann_file`` (--{image_set}_images,
+    --{image_set}_ann) where given, else the COCO layout under ``root``; raises UserError naming the first
+    path that is missing."""
+    flags = f"--{image_set}_images and --{image_set}_ann"
+    if (images is None or ann_file is None) and (root is None or str(root) == ""):
+        raise UserError(f"--coco_path is required for --dataset_file coco unless {flags} are given "
+                        f"(expects {COCO_LAYOUT})")
+    if images is None or ann_file is None:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise UserError(f"--coco_path {root} is not a directory (expects {COCO_LAYOUT})")
+    img_folder = Path(images).expanduser() if images is not None else root / f"{image_set}2017"
+    ann_file = Path(ann_file).expanduser() if ann_file is not None else (
+        root / "annotations" / f"instances_{image_set}2017.json")
     if not img_folder.is_dir():
-        raise UserError(f"image folder {img_folder} not found (expects {COCO_LAYOUT})")
+        raise UserError(f"image folder {img_folder} not found (expects {COCO_LAYOUT}, or pass {flags})")
     if not ann_file.is_file():
-        raise UserError(f"annotation file {ann_file} not found (expects {COCO_LAYOUT})")
+        raise UserError(f"annotation file {ann_file} not found (expects {COCO_LAYOUT}, or pass {flags})")
     return img_folder, ann_file
 
 
 def load_coco_api(ann_file) -> COCO:
-    """pycocotools COCO without its progress prints; unreadable JSON is a UserError."""
+    """pycocotools COCO without its progress prints; unreadable JSON is a UserError. Parsed once per process
+    and file version (path, size, mtime): deriving --num_classes and building the dataset share one parse of
+    a large file (COCO's training annotations are about 450 MB). Callers treat the object as read-only."""
+    try:
+        stat = os.stat(ann_file)
+    except OSError as e:
+        raise UserError(f"cannot read annotation file {ann_file}: {e}") from e
+    return _parse_coco_api(os.path.abspath(ann_file), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_coco_api(ann_file: str, size: int, mtime_ns: int) -> COCO:
     try:
         with open(ann_file) as f:
             dataset = json.load(f)
@@ -68,21 +88,24 @@ class CocoDetection(torch.utils.data.Dataset):
     without annotations (negatives)."""
 
     def __init__(self, img_folder, ann_file, transforms=None, num_classes: int | None = None,
-                 skip_bad_images: bool = False):
+                 skip_bad_images: bool = False, coco: COCO | None = None):
+        """``coco``: annotations already in memory (a converted VOC set); ``ann_file`` then only names them."""
         self.img_folder = Path(img_folder)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
         self.skip_bad_images = skip_bad_images
-        self.coco = load_coco_api(ann_file)
+        self.coco = coco if coco is not None else load_coco_api(ann_file)
         self.ids = sorted(self.coco.imgs)
         # {category id: name} from the annotation file (stored in checkpoints, shown by predict.py)
         self.class_names = {int(c["id"]): str(c.get("name", c["id"])) for c in self.coco.dataset["categories"]}
         self.num_bad_images_skipped = 0
         # One pass over the raw annotations at build time, so the count covers
         # the whole file; targets themselves are built per item (as DETR).
-        self.num_degenerate_dropped = sum(
-            self._clipped_xyxy(a) is None for a in self.coco.dataset["annotations"]
-            if not a.get("iscrowd", 0))
+        plain = [a for a in self.coco.dataset["annotations"] if not a.get("iscrowd", 0)]
+        sizes = [self.coco.imgs.get(a["image_id"], {}) for a in plain]
+        _, keep = _clipped_xyxy([a["bbox"] for a in plain], [s.get("width", float("inf")) for s in sizes],
+                                [s.get("height", float("inf")) for s in sizes])
+        self.num_degenerate_dropped = int((~keep).sum())
         if self.num_degenerate_dropped:
             _warn(f"{self.num_degenerate_dropped} degenerate boxes dropped from {self.ann_file}")
         if num_classes is not None:
@@ -98,32 +121,18 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"{self.ann_file} has category ids in [{lo}, {hi}] but --num_classes is {num_classes} "
                 f"(ids must lie in [0, num_classes-1]); set --num_classes {hi + 1} or larger")
 
-    def _clipped_xyxy(self, ann: dict) -> list[float] | None:
-        """COCO xywh -> xyxy clipped to the image; None when nothing of it is left."""
-        info = self.coco.imgs.get(ann["image_id"], {})
-        w, h = info.get("width", float("inf")), info.get("height", float("inf"))
-        x, y, bw, bh = (float(v) for v in ann["bbox"])
-        x1, y1 = min(max(x, 0.0), w), min(max(y, 0.0), h)
-        x2, y2 = min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
-        return [x1, y1, x2, y2] if x2 > x1 and y2 > y1 else None
-
     def _target(self, img_id: int) -> dict:
-        """Training target in absolute xyxy: crowd regions are left out (as DETR's
-        targets; the evaluator still sees them) and degenerate boxes dropped."""
-        boxes, labels, area = [], [], []
-        for ann in self.coco.imgToAnns.get(img_id, []):
-            box = None if ann.get("iscrowd", 0) else self._clipped_xyxy(ann)
-            if box is None:
-                continue
-            boxes.append(box)
-            labels.append(int(ann["category_id"]))
-            area.append(float(ann.get("area", (box[2] - box[0]) * (box[3] - box[1]))))
-        return {
-            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor(labels, dtype=torch.int64),
-            "area": torch.tensor(area, dtype=torch.float32),
-            "iscrowd": torch.zeros(len(boxes), dtype=torch.int64),
-        }
+        """Training target in absolute xyxy, as DETR builds it: crowd regions are left out (the evaluator
+        still sees them), boxes clipped to the image in float32 and degenerate ones dropped."""
+        anns = [a for a in self.coco.imgToAnns.get(img_id, []) if not a.get("iscrowd", 0)]
+        info = self.coco.imgs[img_id]
+        boxes, keep = _clipped_xyxy([a["bbox"] for a in anns], [info["width"]] * len(anns),
+                                    [info["height"]] * len(anns))
+        labels = torch.tensor([int(a["category_id"]) for a in anns], dtype=torch.int64)
+        area = torch.tensor([float(a["area"]) if "area" in a else float(a["bbox"][2]) * float(a["bbox"][3])
+                             for a in anns], dtype=torch.float32)
+        return {"boxes": boxes[keep], "labels": labels[keep], "area": area[keep],
+                "iscrowd": torch.zeros(int(keep.sum()), dtype=torch.int64)}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -132,10 +141,9 @@ class CocoDetection(torch.utils.data.Dataset):
         info = self.coco.imgs[img_id]
         path = self.img_folder / info["file_name"]
         try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-            raise _BadImage(f"cannot read image {path}: {e}") from e
+            img = load_rgb(path)  # every PIL mode by its rule (datasets/images.py)
+        except ImageDecodeError as e:
+            raise _BadImage(str(e)) from e
         expected = (info.get("width"), info.get("height"))
         if None not in expected and img.size != expected:
             raise _BadImage(f"image {path} is {img.size[0]}x{img.size[1]} but {self.ann_file} says "
@@ -170,13 +178,24 @@ class CocoDetection(torch.utils.data.Dataset):
         return img, target
 
 
+def _clipped_xyxy(bboxes, widths, heights):
+    """COCO xywh boxes -> (N, 4) xyxy clipped to their image, and the (N,) mask of boxes with positive extent.
+    float32 arithmetic in DETR's order (x2 = x + w, then clamp), so the values equal DETR's bit for bit."""
+    boxes = torch.as_tensor(bboxes, dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    limits = torch.tensor([widths, heights], dtype=torch.float32).t().reshape(-1, 2).repeat(1, 2)  # (N, 4)
+    boxes = torch.minimum(boxes.clamp(min=0), limits)
+    keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
+    return boxes, keep
+
+
 class _BadImage(Exception):
     """An image file that cannot be decoded or does not match its annotation."""
 
 
 def build_coco(image_set: str, coco_path, transforms, num_classes: int,
-               skip_bad_images: bool = False) -> CocoDetection:
-    img_folder, ann_file = coco_paths(coco_path, image_set)
+               skip_bad_images: bool = False, images=None, ann_file=None) -> CocoDetection:
+    img_folder, ann_file = coco_paths(coco_path, image_set, images, ann_file)
     return CocoDetection(img_folder, ann_file, transforms=transforms, num_classes=num_classes,
                          skip_bad_images=skip_bad_images)
 

@@ -1,16 +1,21 @@
-"""Paired image/target transforms for detection (DETR's recipe).
+"""Paired image/target transforms for detection, DETR's recipe and formulas.
 
-Every transform is called as ``img, target = t(img, target)``; a ``Compose`` called with an image alone
-(inference: no target) returns the image alone. Until
-``Normalize``, ``target['boxes']`` is (N, 4) absolute xyxy in pixels of the
-current image; ``Normalize`` turns it into cxcywh normalised by the image size,
-the format the model and the loss expect. Geometry transforms work on PIL
-images; ``ToTensor`` comes after them.
+Every transform is called as ``img, target = t(img, target)``; ``target`` may be ``None`` (inference on an
+image alone), and then only the image is transformed. Until ``Normalize``, ``target['boxes']`` is (N, 4)
+absolute xyxy in pixels of the current image; ``Normalize`` turns it into cxcywh normalised by the image
+size, the format the model and the loss expect. Geometry transforms work on PIL images; ``ToTensor`` comes
+after them.
 
-Randomness comes from torch's generator, so ``torch.manual_seed`` and the
-per-worker seeding of ``DataLoader`` make augmentation reproducible.
+Sizes and random draws are DETR's, so a seeded run sees what DETR sees: resized sides are truncated with
+``int()`` (640x480 at 800/1333 becomes 1066x800), and the draws are DETR's calls in DETR's order (Python's
+``random`` for the flip, the branch, the scale and the crop size; torchvision's ``RandomCrop.get_params``,
+i.e. torch's generator, for the crop position). Python's ``random`` is seeded per epoch by main.py and per
+DataLoader worker by PyTorch, so augmentation is reproducible and a resumed run is exact.
 """
+import random
+
 import torch
+import torchvision.transforms as TV
 import torchvision.transforms.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -20,15 +25,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _PER_BOX_FIELDS = ("boxes", "labels", "area", "iscrowd")
 
 
-def _rand() -> float:
-    return torch.rand(()).item()
-
-
-def _randint(low: int, high: int) -> int:
-    """Uniform integer in [low, high] (both inclusive)."""
-    return int(torch.randint(low, high + 1, ()).item())
-
-
 def _keep_boxes(target: dict, keep: torch.Tensor) -> dict:
     for field in _PER_BOX_FIELDS:
         if field in target:
@@ -36,10 +32,12 @@ def _keep_boxes(target: dict, keep: torch.Tensor) -> dict:
     return target
 
 
-def hflip(img, target: dict):
+def hflip(img, target):
     """Mirror the image left-right; x1' = w - x2, x2' = w - x1."""
     w, _ = img.size
     img = F.hflip(img)
+    if target is None:
+        return img, None
     target = target.copy()
     if "boxes" in target:
         boxes = target["boxes"]
@@ -48,15 +46,32 @@ def hflip(img, target: dict):
     return img, target
 
 
-def resize(img, target: dict, size: int, max_size: int | None = None):
-    """Resize so the shorter side is ``size`` unless that pushes the longer
-    side past ``max_size``; then the longer side is ``max_size``. Aspect kept."""
+def resized_size(image_size, size, max_size=None):
+    """DETR's output (h, w) for an image of ``image_size`` = (w, h): the shorter side becomes ``size`` and the
+    other ``int(size * long / short)`` (truncated, as DETR); if that longer side would pass ``max_size``, the
+    shorter side becomes ``int(round(max_size * short / long))`` instead. A shorter side already at ``size``
+    keeps the image as it is. ``size`` may also be an explicit (w, h)."""
+    if isinstance(size, (list, tuple)):
+        return int(size[1]), int(size[0])
+    w, h = image_size
+    if max_size is not None:
+        short, long = float(min(w, h)), float(max(w, h))
+        if long / short * size > max_size:
+            size = int(round(max_size * short / long))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return h, w
+    if w < h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
+
+
+def resize(img, target, size, max_size=None):
+    """Resize to ``resized_size(img.size, size, max_size)``; boxes and area scale with the side ratios."""
+    new_h, new_w = resized_size(img.size, size, max_size)
     w, h = img.size
-    scale = size / min(w, h)
-    if max_size is not None and max(w, h) * scale > max_size:
-        scale = max_size / max(w, h)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
     img = F.resize(img, [new_h, new_w])
+    if target is None:
+        return img, None
     ratio_w, ratio_h = new_w / w, new_h / h
     target = target.copy()
     if "boxes" in target:
@@ -67,10 +82,12 @@ def resize(img, target: dict, size: int, max_size: int | None = None):
     return img, target
 
 
-def crop(img, target: dict, top: int, left: int, height: int, width: int):
+def crop(img, target, top: int, left: int, height: int, width: int):
     """Crop a region; boxes are shifted and clipped to it, and boxes left with
     zero width or height are dropped with their labels/area/iscrowd."""
     img = F.crop(img, top, left, height, width)
+    if target is None:
+        return img, None
     target = target.copy()
     target["size"] = torch.tensor([height, width])
     if "boxes" in target:
@@ -90,7 +107,7 @@ class RandomHorizontalFlip:
         self.p = p
 
     def __call__(self, img, target):
-        if _rand() < self.p:
+        if random.random() < self.p:
             return hflip(img, target)
         return img, target
 
@@ -103,25 +120,36 @@ class RandomResize:
         self.max_size = max_size
 
     def __call__(self, img, target):
-        size = self.sizes[_randint(0, len(self.sizes) - 1)]
-        return resize(img, target, size, self.max_size)
+        return resize(img, target, random.choice(self.sizes), self.max_size)
 
 
 class RandomSizeCrop:
-    """Crop a random region whose sides are drawn from [min_size, max_size]
-    (capped by the image); images smaller than ``min_size`` are not enlarged."""
+    """Crop a random region, width and height drawn from [min_size, max_size] (capped by the image), position
+    from torchvision's ``RandomCrop.get_params``. DETR raises on an image narrower than ``min_size``; here the
+    range then starts at the image's side instead (same draws otherwise)."""
 
     def __init__(self, min_size: int, max_size: int):
         self.min_size = min_size
         self.max_size = max_size
 
     def __call__(self, img, target):
-        w, h = img.size
-        crop_w = _randint(min(self.min_size, w), min(w, self.max_size))
-        crop_h = _randint(min(self.min_size, h), min(h, self.max_size))
-        top = _randint(0, h - crop_h)
-        left = _randint(0, w - crop_w)
-        return crop(img, target, top, left, crop_h, crop_w)
+        w = random.randint(min(self.min_size, img.width), min(img.width, self.max_size))
+        h = random.randint(min(self.min_size, img.height), min(img.height, self.max_size))
+        top, left, height, width = TV.RandomCrop.get_params(img, [h, w])
+        return crop(img, target, top, left, height, width)
+
+
+class CenterCrop:
+    """Crop ``size`` = (h, w) around the centre; the offsets are rounded (DETR's)."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, img, target):
+        height, width = self.size
+        top = int(round((img.height - height) / 2.0))
+        left = int(round((img.width - width) / 2.0))
+        return crop(img, target, top, left, height, width)
 
 
 class RandomSelect:
@@ -131,7 +159,7 @@ class RandomSelect:
         self.a, self.b, self.p = a, b, p
 
     def __call__(self, img, target):
-        if _rand() < self.p:
+        if random.random() < self.p:
             return self.a(img, target)
         return self.b(img, target)
 
@@ -149,6 +177,8 @@ class Normalize:
 
     def __call__(self, img, target):
         img = F.normalize(img, mean=self.mean, std=self.std)
+        if target is None:
+            return img, None
         target = target.copy()
         h, w = img.shape[-2:]
         if "boxes" in target:
@@ -162,9 +192,7 @@ class Compose:
     def __init__(self, transforms):
         self.transforms = list(transforms)
 
-    def __call__(self, img, target=None):
-        if target is None:  # an image alone (inference): the transforms see an empty target
-            return self(img, {})[0]
+    def __call__(self, img, target):
         for t in self.transforms:
             img, target = t(img, target)
         return img, target

@@ -4,6 +4,7 @@ Format (see experiments/smca_table.sweep)::
 
     # comment (also after flags)
     common: --num_queries 300 --epochs 50        # flags for every run, at most one such line
+    seeds: 0 1 2                                 # optional: every run once per seed, at most one such line
     focal_300_type1_no_scale --dynamic_scale type1
     focal_300_type2_smooth_4 --dynamic_scale type2 --smooth 4
 
@@ -11,6 +12,12 @@ A run line is ``<name> <flags...>``; the name ([A-Za-z0-9_.-]) is the run's outp
 ``<root>/<name>``. A run's argv is the common flags followed by its own, so its own win (argparse keeps
 the last value). Flags are split like a shell would (quotes work). ``--output_dir`` is not allowed in
 the file: the launchers set it from the name.
+
+Seeds: with a ``seeds:`` line (or a launcher's ``--seeds``, which replaces the file's list), every run
+line becomes one run per seed, named ``<name>/seed<k>`` (output folder ``<root>/<name>/seed<k>``) with
+``--seed k`` appended; ``--seed`` itself is then not allowed in the file. The order is seed-major: every
+run with the first seed, then every run with the second, ... so a sweep cut short has whole tables for its
+first seeds, and adding seeds later only appends runs (the index of every existing run stays the same).
 
 Every run is checked against main.py's parser: an unknown flag or a bad value is a UserError naming
 the file, the line and the flag.
@@ -20,6 +27,7 @@ CLI (used by slurm/sweep.sbatch)::
     python -m experiments.sweeps FILE --list             # names, one per line, in index order
     python -m experiments.sweeps FILE --count
     python -m experiments.sweeps FILE --line N [--root DIR]   # argv of run N, shell-quoted
+    ... [--seeds K...]                                    # replaces the file's seeds: line
 """
 import argparse
 import re
@@ -27,18 +35,22 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from util.errors import UserError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 RESERVED_FLAGS = ("--output_dir",)
+SEED_FLAG = "--seed"
 
 
 @dataclass(frozen=True)
 class Run:
-    name: str
-    argv: list  # common flags first, then the run's own
+    name: str  # output folder below the root: the line's name, or '<name>/seed<k>' with seeds
+    argv: list  # common flags first, then the run's own, then '--seed k' with seeds
     line: int = 0  # 1-based line number in the sweep file (for messages)
+    base: str = ""  # the run line's name (without '/seed<k>')
+    seed: Optional[int] = None  # the seed of an expanded run; None without seeds
 
     def command_argv(self, root=None):
         """argv for main.py, with --output_dir <root>/<name> when a root is given."""
@@ -60,18 +72,27 @@ def _parse_lines(path):
             yield lineno, tokens
 
 
-def read_sweep(path, check=True):
-    """The runs of a sweep file, in file order; ``check`` validates each against main.py's parser."""
+def read_sweep(path, check=True, seeds=None):
+    """The runs of a sweep file, in index order; ``check`` validates each against main.py's parser.
+    ``seeds`` (a list of ints) replaces the file's ``seeds:`` line (see the module docstring)."""
     common, common_line, runs, seen = [], None, [], {}
+    file_seeds, seeds_line = None, None
     for lineno, tokens in _parse_lines(path):
         head = tokens[0]
-        if head == "common:" or head.startswith("common:"):
+        if head.startswith("common:"):
             if common_line is not None:
                 raise UserError(f"{path}:{lineno}: second 'common:' line (the first is line {common_line}); "
                                 f"merge them into one")
             rest = head[len("common:"):]
             common, common_line = ([rest] if rest else []) + tokens[1:], lineno
             _check_reserved(path, lineno, common)
+            continue
+        if head.startswith("seeds:"):
+            if seeds_line is not None:
+                raise UserError(f"{path}:{lineno}: second 'seeds:' line (the first is line {seeds_line}); "
+                                f"merge them into one")
+            rest = head[len("seeds:"):]
+            file_seeds, seeds_line = parse_seeds(([rest] if rest else []) + tokens[1:], f"{path}:{lineno}"), lineno
             continue
         if not NAME_RE.match(head):
             raise UserError(f"{path}:{lineno}: run name {head!r} must be letters, digits, '_', '.' or '-' "
@@ -84,8 +105,20 @@ def read_sweep(path, check=True):
         runs.append((lineno, head, tokens[1:]))
     if not runs:
         raise UserError(f"sweep file {path}: no runs (a run line is '<name> <flags...>')")
+    if seeds is not None:
+        seeds = parse_seeds([str(k) for k in seeds], "--seeds")
+    else:
+        seeds = file_seeds
     # 'common:' may come after some runs; it applies to all of them
-    result = [Run(name, common + flags, lineno) for lineno, name, flags in runs]
+    result = [Run(name, common + flags, lineno, base=name) for lineno, name, flags in runs]
+    if seeds is not None:
+        where = f"line {seeds_line}" if file_seeds is not None and seeds is file_seeds else "--seeds"
+        for lineno, flags in [(common_line, common)] + [(lineno, flags) for lineno, _, flags in runs]:
+            if any(flag.split("=", 1)[0] == SEED_FLAG for flag in flags):
+                raise UserError(f"{path}:{lineno}: {SEED_FLAG} is set per run by the seeds ({where}); "
+                                f"remove it from the line")
+        result = [Run(f"{run.name}/seed{seed}", run.argv + [SEED_FLAG, str(seed)], run.line, base=run.name,
+                      seed=seed) for seed in seeds for run in result]
     if check:
         parser = _strict_parser()
         if common_line is not None:
@@ -93,6 +126,30 @@ def read_sweep(path, check=True):
         for run in result:
             validate(run, path, parser)
     return result
+
+
+def parse_seeds(tokens, where):
+    """Seeds as distinct non-negative ints, in the order given; UserError naming ``where`` otherwise."""
+    if not tokens:
+        raise UserError(f"{where}: no seeds given; write e.g. 'seeds: 0 1 2'")
+    seeds = []
+    for token in tokens:
+        if not re.fullmatch(r"[0-9]+", token):
+            raise UserError(f"{where}: seed {token!r} is not a non-negative integer")
+        if int(token) in seeds:
+            raise UserError(f"{where}: seed {int(token)} is listed twice")
+        seeds.append(int(token))
+    return seeds
+
+
+def select(runs, only, source):
+    """The runs named in ``only``: a run line's name selects all its seeds, '<name>/seed<k>' one of them."""
+    names = {run.name for run in runs} | {run.base for run in runs}
+    unknown = [name for name in only if name not in names]
+    if unknown:
+        raise UserError(f"--only {' '.join(unknown)}: not in {source} "
+                        f"(runs: {' '.join(dict.fromkeys(run.base for run in runs))})")
+    return [run for run in runs if run.name in only or run.base in only]
 
 
 def _check_reserved(path, lineno, flags):
@@ -142,11 +199,13 @@ def main_cli(argv=None):
     what.add_argument("--count", action="store_true", help="number of runs")
     what.add_argument("--line", type=int, metavar="N", help="argv of run N (0-based), shell-quoted")
     parser.add_argument("--root", default=None, help="with --line: append --output_dir ROOT/<name>")
+    parser.add_argument("--seeds", nargs="+", default=None, metavar="K",
+                        help="every run once per seed K, named <name>/seed<K> (replaces the file's seeds: line)")
     parser.add_argument("--no_check", action="store_true",
                         help="skip validation against main.py (fast; main.py checks the flags anyway)")
     args = parser.parse_args(argv)
     try:
-        runs = read_sweep(args.sweep_file, check=not args.no_check)
+        runs = read_sweep(args.sweep_file, check=not args.no_check, seeds=args.seeds)
         if args.list:
             print("\n".join(run.name for run in runs))
         elif args.count:

@@ -2,19 +2,17 @@
 the only place where the argparse namespace meets the model code, a translation of the flags onto them."""
 from collections.abc import Mapping
 
-from torch import nn
-
 from models.backbone import Backbone, Joiner
 from models.criterion import build_criterion
 from models.detr import DETR
 from models.matcher import build_matcher
 from models.position_encoding import build_position_encoding
-from models.postprocess import PostProcess, PostProcessFocal
+from models.postprocess import build_postprocessor, build_postprocessors  # noqa: F401 (build_postprocessor: API)
 from models.transformer import Transformer
 
 # the focal-loss classifier starts at this foreground probability (bias = -log((1 - p) / p))
 FOCAL_PRIOR_PROB = 0.01
-POSTPROCESSORS = {"ce": PostProcess, "focal": PostProcessFocal}
+CLS_LOSSES = ("ce", "focal")
 
 
 def build_detr(backbone: str = "resnet50", dilation: bool = False, num_classes: int = 91, num_queries: int = 100,
@@ -22,21 +20,25 @@ def build_detr(backbone: str = "resnet50", dilation: bool = False, num_classes: 
                query_mixture: bool = False, cls_loss: str = "auto", hidden_dim: int = 256, nheads: int = 8,
                enc_layers: int = 6, dec_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
                pre_norm: bool = False, position_embedding: str = "sine", backbone_norm: str = "frozen",
-               backbone_weights: str = "none", train_backbone: bool = True, aux_loss: bool = True) -> DETR:
+               backbone_weights: str = "none", train_backbone: bool = True, aux_loss: bool = True,
+               prior_impl: str = "fused") -> DETR:
     """DETR, or SMCA-DETR with ``dynamic_scale`` type1-4; the defaults are DETR's (R50, 100 queries, COCO's 91 ids).
 
     The arguments mean what main.py's flags of the same names mean (options.py; the SMCA ones are specified in
     docs/ablation-modules.md). ``cls_loss`` only sets the classifier's initial bias (focal: foreground
     probability FOCAL_PRIOR_PROB); 'auto' is focal with a spatial prior, ce without. ``backbone_weights``:
     'none' (random), 'imagenet' (torchvision's download) or a path to a ResNet state dict.
-    ``train_backbone=False`` freezes the whole ResNet (main.py: ``--lr_backbone 0``).
+    ``train_backbone=False`` freezes the whole ResNet (main.py: ``--lr_backbone 0``). ``prior_impl``: how the
+    co-attention adds the prior, 'fused' or 'explicit' (same logits, same weights; models/spatial_prior.py).
     """
-    body = Backbone(backbone, train_backbone, dilation, backbone_weights, norm=backbone_norm)
-    joiner = Joiner(body, build_position_encoding(position_embedding, hidden_dim))
+    # the position encoding first: a learned one draws from the generator before the ResNet, as before
+    position = build_position_encoding(position_embedding, hidden_dim)
+    joiner = Joiner(Backbone(backbone, train_backbone, dilation, backbone_weights, norm=backbone_norm), position)
     transformer = Transformer(d_model=hidden_dim, nhead=nheads, num_encoder_layers=enc_layers,
                               num_decoder_layers=dec_layers, dim_feedforward=dim_feedforward, dropout=dropout,
                               normalize_before=pre_norm, num_queries=num_queries, dynamic_scale=dynamic_scale,
-                              smooth=smooth, head_mixture=head_mixture, query_mixture=query_mixture)
+                              smooth=smooth, head_mixture=head_mixture, query_mixture=query_mixture,
+                              prior_impl=prior_impl)
     focal = resolve_cls_loss(cls_loss, dynamic_scale) == "focal"
     return DETR(joiner, transformer, num_classes=num_classes, num_queries=num_queries, aux_loss=aux_loss,
                 class_bias_prior=FOCAL_PRIOR_PROB if focal else 0.0)
@@ -46,24 +48,15 @@ def resolve_cls_loss(cls_loss: str, dynamic_scale: str) -> str:
     """'auto' -> focal with a spatial prior, ce without (main.py's --cls_loss auto); 'ce'/'focal' unchanged."""
     if cls_loss == "auto":
         return "ce" if dynamic_scale == "none" else "focal"
-    if cls_loss not in POSTPROCESSORS:
-        raise ValueError(f"cls_loss must be 'auto' or one of {sorted(POSTPROCESSORS)}, got {cls_loss!r}")
+    if cls_loss not in CLS_LOSSES:
+        raise ValueError(f"cls_loss must be 'auto' or one of {CLS_LOSSES}, got {cls_loss!r}")
     return cls_loss
-
-
-def build_postprocessor(cls_loss: str = "ce") -> nn.Module:
-    """The post-processor that matches the classification loss: softmax, one detection per query (ce), or the
-    top (query, class) pairs of the sigmoid scores (focal). See models/postprocess.py."""
-    if cls_loss not in POSTPROCESSORS:
-        raise ValueError(f"build_postprocessor: cls_loss must be resolved to one of {sorted(POSTPROCESSORS)}, "
-                         f"got {cls_loss!r}")
-    return POSTPROCESSORS[cls_loss]()
 
 
 # main.py's flags that build_detr takes under the same name
 DETR_FLAGS = ("backbone", "dilation", "num_classes", "num_queries", "dynamic_scale", "smooth", "head_mixture",
               "query_mixture", "cls_loss", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward",
-              "dropout", "pre_norm", "position_embedding", "backbone_norm")
+              "dropout", "pre_norm", "position_embedding", "backbone_norm", "prior_impl")
 
 
 def detr_kwargs(flags: Mapping) -> dict:
@@ -81,4 +74,4 @@ def build_model(args, backbone_weights: str = "none"):
     """
     model = build_detr(**detr_kwargs(vars(args)), backbone_weights=backbone_weights)
     criterion = build_criterion(args, args.num_classes, build_matcher(args))
-    return model, criterion, {"bbox": build_postprocessor(args.cls_loss)}
+    return model, criterion, build_postprocessors(args)

@@ -2,8 +2,9 @@
 and the head centres, captured with forward hooks during one ordinary forward pass (the modules are unchanged).
 
 The attention probabilities come from ``ModulatedCrossAttention.attention_weights`` on the inputs of the layer's
-co-attention call, G from the output of that layer's ``SpatialPrior`` (docs/ablation-modules.md: *Centres*,
-*Modulated co-attention*).
+co-attention call (whichever route, fused or explicit, the prior took), G from ``SpatialPrior.log_prior`` on the
+inputs of that layer's prior: the explicit G of the spec (docs/ablation-modules.md: *Centres*, *Modulated
+co-attention*), which the fused route equals up to float rounding.
 """
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -43,7 +44,7 @@ def co_attention_maps(model: nn.Module, samples: NestedTensor) -> Tuple[Dict[str
         tgt, query_pos, centre = args[0], args[1], args[2]
         offsets = module.head_offsets(module.query_features(tgt, query_pos))  # (B, nhead, Q, 2)
         captured["centres"] = centre.float()[:, None] + offsets
-        captured["prior"] = output  # (B, nhead, Q, HW)
+        captured["prior"] = module.log_prior(*args)  # (B, nhead, Q, HW)
 
     handles = [model.backbone.register_forward_hook(features),
                decoder.layers[-1].multihead_attn.register_forward_hook(co_attention, with_kwargs=True)]
@@ -57,10 +58,6 @@ def co_attention_maps(model: nn.Module, samples: NestedTensor) -> Tuple[Dict[str
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    if priors is not None and "prior" not in captured:
-        raise RuntimeError("co_attention_maps: the last decoder layer's SpatialPrior did not run; the attention "
-                           "pictures need the explicit prior G")
-
     height, width = captured["feature_mask"].shape[-2:]
 
     def grid(maps: Tensor) -> Tensor:

@@ -10,6 +10,17 @@ Loss names (the `losses` list of SetCriterion) and the keys they produce:
                   variants: under focal, 'loss_ce' holds the focal loss.
 - 'boxes':        'loss_bbox' (L1 on cxcywh) and 'loss_giou' (1 - GIoU).
 - 'cardinality':  'cardinality_error', logged only (no gradient).
+- 'cardinality_focal': 'cardinality_error_focal', logged only (focal runs).
+
+Logged metrics keep upstream's definitions, so log.txt curves compare with
+DETR's and the original SMCA code's published logs (both loss types):
+'class_error' = 100 - top-1 accuracy over all C+1 logits of the matched
+queries (100 for a batch without targets, as DETR's accuracy() gives 0 then);
+'cardinality_error' = mean |#queries whose argmax is not the no-object column
+- #targets| per image. Under focal that count says little: no column is ever
+trained towards 1 for unmatched queries, so most argmaxes land on a real
+class. 'cardinality_error_focal' is the count that means something there:
+queries whose best real-class probability exceeds 0.5.
 
 Every summed loss is divided by the number of target boxes averaged over
 workers, so each worker's gradient has the same scale as single-process
@@ -38,9 +49,9 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float, gamma: flo
 
 @torch.no_grad()
 def _accuracy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Top-1 accuracy in percent; logits (N, K), labels (N,). 0 targets count as 100%."""
+    """Top-1 accuracy in percent; logits (N, K), labels (N,). No targets count as 0%, as DETR's accuracy()."""
     if labels.numel() == 0:
-        return torch.tensor(100.0, device=logits.device)
+        return torch.zeros((), device=logits.device)
     return (logits.argmax(-1) == labels).float().mean() * 100
 
 
@@ -69,15 +80,12 @@ class SetCriterion(nn.Module):
             "labels_focal": self.loss_labels_focal,
             "boxes": self.loss_boxes,
             "cardinality": self.loss_cardinality,
+            "cardinality_focal": self.loss_cardinality_focal,
         }
         unknown = [name for name in losses if name not in self.loss_map]
         if unknown:
             raise ValueError(f"SetCriterion: unknown losses {unknown}; known: {sorted(self.loss_map)}")
         self.losses = list(losses)
-        # Under focal the no-object column is never a positive target, so a
-        # query "predicts an object" when some real class clears 0.5; under
-        # softmax it is the argmax not being no-object (DETR).
-        self.focal = "labels_focal" in self.losses
         # The no-object class (index num_classes) is down-weighted in the
         # softmax CE because most queries are unmatched.
         class_weight = torch.ones(num_classes + 1)
@@ -113,23 +121,24 @@ class SetCriterion(nn.Module):
         loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma).sum() / num_boxes
         losses = {"loss_ce": loss}
         if log:
-            # The no-object column is never a positive under focal, so the
-            # predicted class is the best real class (as in PostProcessFocal).
-            real = logits[matched][:, : self.num_classes]  # (N, C)
-            losses["class_error"] = 100 - _accuracy(real, labels)
+            # the original SMCA code's definition: DETR's, over all C+1 logits
+            losses["class_error"] = 100 - _accuracy(logits[matched], labels)
         return losses
 
     @torch.no_grad()
     def loss_cardinality(self, outputs, targets, indices, num_boxes, log=True):
-        """Absolute error between the number of predicted objects and of targets, per image (logged only)."""
+        """Absolute error between the number of queries whose argmax is not the no-object column and the
+        number of targets, per image (DETR's and the original SMCA code's definition; logged only)."""
         logits = outputs["pred_logits"]  # (B, Q, C+1)
-        if self.focal:
-            is_object = logits[..., : self.num_classes].sigmoid().amax(-1) > 0.5  # (B, Q)
-        else:
-            is_object = logits.argmax(-1) != self.num_classes  # (B, Q)
-        predicted = is_object.sum(1).float()  # (B,)
-        expected = torch.as_tensor([len(t["labels"]) for t in targets], dtype=torch.float, device=logits.device)
-        return {"cardinality_error": F.l1_loss(predicted, expected)}
+        predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()  # (B,)
+        return {"cardinality_error": F.l1_loss(predicted, self._target_counts(targets, logits.device))}
+
+    @torch.no_grad()
+    def loss_cardinality_focal(self, outputs, targets, indices, num_boxes, log=True):
+        """The same error counting queries whose best real-class sigmoid exceeds 0.5 (logged only)."""
+        logits = outputs["pred_logits"]  # (B, Q, C+1)
+        predicted = (logits[..., : self.num_classes].sigmoid().amax(-1) > 0.5).sum(1).float()  # (B,)
+        return {"cardinality_error_focal": F.l1_loss(predicted, self._target_counts(targets, logits.device))}
 
     def loss_boxes(self, outputs, targets, indices, num_boxes, log=True):
         matched = self._query_index(indices)
@@ -148,6 +157,10 @@ class SetCriterion(nn.Module):
         batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
         query = torch.cat([src for src, _ in indices])
         return batch, query
+
+    @staticmethod
+    def _target_counts(targets: list[dict], device: torch.device) -> Tensor:
+        return torch.as_tensor([len(t["labels"]) for t in targets], dtype=torch.float, device=device)
 
     @staticmethod
     def _matched_labels(targets: list[dict], indices) -> Tensor:
@@ -199,7 +212,7 @@ def build_criterion(args, num_classes: int, matcher: nn.Module) -> SetCriterion:
         # One copy per intermediate decoder layer; the last layer is the un-suffixed output.
         for layer in range(args.dec_layers - 1):
             weight_dict.update({f"{k}_{layer}": v for k, v in final_weights.items()})
-    class_losses = {"ce": "labels", "focal": "labels_focal"}
+    class_losses = {"ce": ["labels"], "focal": ["labels_focal", "cardinality_focal"]}
     if args.cls_loss not in class_losses:
         raise ValueError(
             f"build_criterion: --cls_loss must be resolved to one of {sorted(class_losses)}, got {args.cls_loss!r}"
@@ -208,7 +221,7 @@ def build_criterion(args, num_classes: int, matcher: nn.Module) -> SetCriterion:
         num_classes,
         matcher=matcher,
         weight_dict=weight_dict,
-        losses=[class_losses[args.cls_loss], "boxes", "cardinality"],
+        losses=[*class_losses[args.cls_loss], "boxes", "cardinality"],
         eos_coef=args.eos_coef,
         focal_alpha=args.focal_alpha,
         focal_gamma=args.focal_gamma,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from models.attention import ModulatedCrossAttention
-from models.spatial_prior import MLP, build_priors, mixture_mask
+from models.spatial_prior import MLP, LearnedScale, build_priors, mixture_mask
 
 
 def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
@@ -132,11 +132,12 @@ class SMCADecoder(TransformerDecoder):
     around centres reused from the layer-0 reference; the reference logit is also added to the box centres."""
 
     def __init__(self, layer: nn.Module, num_layers: int, norm: nn.Module, d_model: int, nhead: int,
-                 num_queries: int, dynamic_scale: str, smooth: float, head_mixture: bool, query_mixture: bool):
+                 num_queries: int, dynamic_scale: str, smooth: float, head_mixture: bool, query_mixture: bool,
+                 prior_impl: str = "fused"):
         super().__init__(layer, num_layers, norm)
         self.reference = MLP(d_model, d_model, 2, 3)
         self.priors = build_priors(num_layers, d_model, nhead, num_queries, dynamic_scale, smooth,
-                                   head_mixture, query_mixture)
+                                   head_mixture, query_mixture, prior_impl)
         # queries that use the prior also get the reference added to their box centres
         query_mask = mixture_mask(num_queries, nhead, False, query_mixture)[:, 0]
         self.register_buffer("box_mask", query_mask[:, None], persistent=False)  # (Q, 1)
@@ -155,7 +156,7 @@ class SMCADecoder(TransformerDecoder):
         centre = r_logit.sigmoid() * extent[:, None, :]  # (B, Q, 2) feature cells
         intermediate = []
         for layer, prior in zip(self.layers, self.priors):
-            bias = prior(tgt, query_pos, centre, grid_x, grid_y)  # (B, nhead, Q, HW)
+            bias = prior(tgt, query_pos, centre, grid_x, grid_y)  # G (B, nhead, Q, HW) or its FactoredPrior
             tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, attn_bias=bias)
             intermediate.append(self.norm(tgt))
         box_reference = nn.functional.pad(r_logit, (0, 2)) * self.box_mask  # (B, Q, 4)
@@ -166,25 +167,34 @@ class Transformer(nn.Module):
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
                  normalize_before: bool = False, num_queries: int = 100, dynamic_scale: str = "none",
-                 smooth: float = 8.0, head_mixture: bool = False, query_mixture: bool = False):
+                 smooth: float = 8.0, head_mixture: bool = False, query_mixture: bool = False,
+                 prior_impl: str = "fused"):
         super().__init__()
         encoder_layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
         self.encoder = TransformerEncoder(encoder_layer, num_encoder_layers,
                                           nn.LayerNorm(d_model) if normalize_before else None)
         decoder_layer = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
-        # DETR's xavier init for the encoder and decoder layers; the SMCA modules keep their own init
-        # (the scale linears must start at weight 0, bias 1)
-        for layer in (encoder_layer, decoder_layer):
-            for p in layer.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
         if dynamic_scale == "none":
             self.decoder = TransformerDecoder(decoder_layer, num_decoder_layers, nn.LayerNorm(d_model))
         else:
             self.decoder = SMCADecoder(decoder_layer, num_decoder_layers, nn.LayerNorm(d_model), d_model, nhead,
-                                       num_queries, dynamic_scale, smooth, head_mixture, query_mixture)
+                                       num_queries, dynamic_scale, smooth, head_mixture, query_mixture,
+                                       prior_impl)
         self.d_model = d_model
         self.nhead = nhead
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """DETR's init, after every layer exists (docs/ablation-modules.md, "Initialisation"): each parameter
+        with more than one dimension gets its own xavier draw, so cloned layers start independent. The pass
+        covers the SMCA reference MLP and offset/scale linears too (as the original code); the scale
+        linears are then reset to weight 0, bias 1 (every scale starts at 1)."""
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for module in self.modules():
+            if isinstance(module, LearnedScale):
+                module.reset_parameters()
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor,
                 extent: Tensor) -> Tuple[Tensor, Tensor]:
@@ -199,4 +209,3 @@ class Transformer(nn.Module):
         tgt = torch.zeros_like(query_pos)
         hs, box_reference = self.decoder(tgt, memory, mask, pos_embed, query_pos, (height, width), extent)
         return hs.transpose(1, 2), box_reference  # (L, B, Q, d)
-

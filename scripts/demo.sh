@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded synthetic dataset: installs what it needs, trains a small SMCA-DETR on CPU
 # (ResNet-18 from scratch with trainable BatchNorm, type2 scales + query mixture, focal loss) and prints
-# COCO AP from pycocotools. Under 10 minutes on 2 CPU cores. Extra flags are passed to main.py.
+# COCO AP (faster-coco-eval, printed as pycocotools prints it). Under 10 minutes on 2 CPU cores. Extra flags are passed to main.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh

@@ -51,7 +51,8 @@ def make_batch(seed: int = 0, requires_grad: bool = True):
 
 def make_criterion(focal: bool, alpha: float = ALPHA, gamma: float = GAMMA) -> SetCriterion:
     return SetCriterion(NUM_CLASSES, FixedMatcher(INDICES), weight_dict={},
-                        losses=["labels_focal" if focal else "labels", "boxes", "cardinality"],
+                        losses=["labels_focal", "cardinality_focal", "boxes", "cardinality"] if focal
+                        else ["labels", "boxes", "cardinality"],
                         eos_coef=EOS_COEF, focal_alpha=alpha, focal_gamma=gamma)
 
 
@@ -106,21 +107,25 @@ def test_box_losses_class_error_and_cardinality(focal):
     torch.testing.assert_close(losses["loss_bbox"], expected_l1, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(losses["loss_giou"], (1 - giou).sum() / NUM_BOXES, atol=1e-6, rtol=1e-6)
 
-    # class_error: percentage of matched queries whose predicted class is wrong
-    # (best real class under focal, best of all C+1 under softmax).
+    # class_error: percentage of matched queries whose argmax over all C+1 logits is not their class (DETR's and
+    # the original SMCA code's definition, for both losses)
     logits = outputs["pred_logits"].detach()
-    columns = NUM_CLASSES if focal else NUM_CLASSES + 1
-    wrong = [logits[b, q, :columns].argmax().item() != targets[b]["labels"][t].item()
+    wrong = [logits[b, q].argmax().item() != targets[b]["labels"][t].item()
              for b, (src, tgt) in enumerate(INDICES) for q, t in zip(src, tgt)]
     assert losses["class_error"].item() == pytest.approx(100 * sum(wrong) / len(wrong))
 
-    if focal:
-        predicted = (logits[..., :NUM_CLASSES].sigmoid().max(-1).values > 0.5).sum(1).float()
-    else:
-        predicted = (logits.argmax(-1) != NUM_CLASSES).sum(1).float()
-    expected_card = (predicted - torch.tensor([3.0, 0.0, 1.0])).abs().mean()
-    assert losses["cardinality_error"].item() == pytest.approx(expected_card.item())
+    counts = torch.tensor([3.0, 0.0, 1.0])
+    predicted = torch.tensor([sum(logits[b, q].argmax().item() != NUM_CLASSES for q in range(NUM_QUERIES))
+                              for b in range(3)], dtype=torch.float)
+    assert losses["cardinality_error"].item() == pytest.approx((predicted - counts).abs().mean().item())
     assert not losses["cardinality_error"].requires_grad
+    if focal:
+        confident = torch.tensor([sum(logits[b, q, :NUM_CLASSES].sigmoid().max().item() > 0.5
+                                      for q in range(NUM_QUERIES)) for b in range(3)], dtype=torch.float)
+        expected = (confident - counts).abs().mean().item()
+        assert losses["cardinality_error_focal"].item() == pytest.approx(expected)
+    else:
+        assert "cardinality_error_focal" not in losses
 
 
 def test_perfect_focal_predictions_have_zero_class_error():
@@ -129,10 +134,11 @@ def test_perfect_focal_predictions_have_zero_class_error():
     for b, (src, tgt) in enumerate(INDICES):
         for q, t in zip(src, tgt):
             logits[b, q, targets[b]["labels"][t]] = 5.0
-    logits[..., -1] = 9.0  # ignored by the focal class error and cardinality
     losses = make_criterion(focal=True)({"pred_logits": logits, "pred_boxes": outputs["pred_boxes"]}, targets)
     assert losses["class_error"].item() == 0.0
-    assert losses["cardinality_error"].item() == 0.0
+    assert losses["cardinality_error_focal"].item() == 0.0
+    # upstream's count under focal: unmatched queries' argmax lands on a real column, so every query counts
+    assert losses["cardinality_error"].item() == pytest.approx((5 - 3 + 5 - 0 + 5 - 1) / 3)
 
 
 @pytest.mark.parametrize("focal", [False, True])
@@ -142,7 +148,7 @@ def test_aux_outputs_get_suffixed_losses(focal):
     criterion = make_criterion(focal)
     losses = criterion({**final, "aux_outputs": aux}, targets)
     assert criterion.matcher.calls == 3  # final layer + each aux layer matched on its own
-    base = {"loss_ce", "loss_bbox", "loss_giou", "cardinality_error"}
+    base = {"loss_ce", "loss_bbox", "loss_giou", "cardinality_error"} | ({"cardinality_error_focal"} if focal else set())
     assert set(losses) == base | {"class_error"} | {f"{k}_{i}" for k in base for i in (0, 1)}
     for i, layer in enumerate(aux):
         alone = criterion(layer, targets)
@@ -169,7 +175,7 @@ def test_images_without_targets(focal):
         expected = F.cross_entropy(outputs["pred_logits"].reshape(-1, NUM_CLASSES + 1),
                                    torch.full((3 * NUM_QUERIES,), NUM_CLASSES))
     torch.testing.assert_close(losses["loss_ce"], expected, atol=1e-6, rtol=1e-6)
-    assert losses["class_error"].item() == 0.0
+    assert losses["class_error"].item() == 100.0  # DETR's accuracy() is 0 without targets
     sum(v for k, v in losses.items() if k.startswith("loss")).backward()
     assert torch.isfinite(outputs["pred_logits"].grad).all()
 
@@ -206,31 +212,31 @@ def test_build_criterion(cls_loss, no_aux_loss):
     if not no_aux_loss:
         expected.update({f"{k}_{i}": v for k, v in final.items() for i in (0, 1)})
     assert criterion.weight_dict == expected
-    assert criterion.losses == ["labels_focal" if cls_loss == "focal" else "labels", "boxes", "cardinality"]
+    class_losses = ["labels_focal", "cardinality_focal"] if cls_loss == "focal" else ["labels"]
+    assert criterion.losses == [*class_losses, "boxes", "cardinality"]
     assert criterion.class_weight.tolist() == pytest.approx([1.0] * NUM_CLASSES + [EOS_COEF])
 
 
 # ---- post-processing ----
 
-def test_focal_postprocess_picks_top_pairs_and_scales_boxes():
-    # Q = 3 queries, C = 2 real classes + the no-object column (huge, must be ignored).
-    logits = torch.tensor([[[0.0, 3.0, 50.0],
-                            [2.0, 1.0, 50.0],
-                            [-1.0, -3.0, 50.0]]])
+def test_focal_postprocess_picks_top_pairs_over_every_column_then_drops_no_object():
+    # Q = 3 queries, C = 2 real classes + the no-object column, which competes for the k slots (original SMCA).
+    logits = torch.tensor([[[0.0, 3.0, 2.5],
+                            [2.0, 1.0, -5.0],
+                            [-1.0, -3.0, -4.0]]])
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.25, 0.75, 0.5, 0.5], [0.1, 0.1, 0.1, 0.1]]])
     sizes = torch.tensor([[200, 100]])  # (h, w)
     result, = PostProcessFocal(num_select=3)({"pred_logits": logits, "pred_boxes": boxes}, sizes)
-    # Best pairs: (q0, c1) logit 3, (q1, c0) logit 2, (q1, c1) logit 1.
-    assert result["labels"].tolist() == [1, 0, 1]
-    torch.testing.assert_close(result["scores"], torch.tensor([3.0, 2.0, 1.0]).sigmoid())
+    # Best three pairs: (q0, c1) logit 3, (q0, no-object) 2.5, (q1, c0) 2; the no-object pair is dropped.
+    assert result["labels"].tolist() == [1, 0]
+    torch.testing.assert_close(result["scores"], torch.tensor([3.0, 2.0]).sigmoid())
     expected_q0 = torch.tensor([40.0, 60.0, 60.0, 140.0])  # cx 50, cy 100, w 20, h 80
     expected_q1 = torch.tensor([0.0, 100.0, 50.0, 200.0])  # cx 25, cy 150, w 50, h 100
-    torch.testing.assert_close(result["boxes"], torch.stack([expected_q0, expected_q1, expected_q1]))
+    torch.testing.assert_close(result["boxes"], torch.stack([expected_q0, expected_q1]))
     assert result["labels"].dtype == torch.int64
 
-    # Default k = min(100, Q*C) = 6: every (query, class) pair, sorted by score.
-    result, = PostProcessFocal()({"pred_logits": logits, "pred_boxes": boxes}, sizes)
-    assert len(result["scores"]) == 6
+    # k larger than Q*(C+1) = 9: every pair, the three no-object ones dropped, sorted by score.
+    result, = PostProcessFocal(num_select=100)({"pred_logits": logits, "pred_boxes": boxes}, sizes)
     assert result["labels"].tolist() == [1, 0, 1, 0, 0, 1]
     assert (result["scores"][:-1] >= result["scores"][1:]).all()
 
@@ -251,7 +257,7 @@ def test_postprocess_batches_match_single_images():
     outputs = {"pred_logits": torch.randn(2, 7, NUM_CLASSES + 1, generator=g),
                "pred_boxes": torch.rand(2, 7, 4, generator=g) * 0.5 + 0.1}
     sizes = torch.tensor([[480, 640], [300, 200]])
-    for post in (PostProcess(), PostProcessFocal(num_select=10)):
+    for post in (PostProcess(), PostProcess(num_select=3), PostProcessFocal(num_select=10)):
         batched = post(outputs, sizes)
         for b in range(2):
             single, = post({k: v[b:b + 1] for k, v in outputs.items()}, sizes[b:b + 1])
@@ -259,7 +265,24 @@ def test_postprocess_batches_match_single_images():
                 torch.testing.assert_close(batched[b][k], single[k])
 
 
+def test_softmax_postprocess_num_select_keeps_the_best_queries():
+    logits = torch.tensor([[[1.0, 0.0, 0.0], [4.0, 0.0, 0.0], [0.0, 2.0, 0.0]]])
+    boxes = torch.rand(1, 3, 4) * 0.5 + 0.1
+    sizes = torch.tensor([[10, 20]])
+    every, = PostProcess()({"pred_logits": logits, "pred_boxes": boxes}, sizes)
+    best, = PostProcess(num_select=2)({"pred_logits": logits, "pred_boxes": boxes}, sizes)
+    order = every["scores"].argsort(descending=True)[:2]
+    assert order.tolist() == [1, 2]
+    for key in ("scores", "labels", "boxes"):
+        torch.testing.assert_close(best[key], every[key][order])
+
+
 def test_build_postprocessors():
-    assert isinstance(build_postprocessors(Namespace(cls_loss="ce"))["bbox"], PostProcess)
-    focal = build_postprocessors(Namespace(cls_loss="focal"))["bbox"]
-    assert isinstance(focal, PostProcessFocal) and focal.num_select == 100
+    ce = build_postprocessors(Namespace(cls_loss="ce", num_detections=None, num_queries=7))["bbox"]
+    assert isinstance(ce, PostProcess) and ce.num_select is None
+    focal = build_postprocessors(Namespace(cls_loss="focal", num_detections=None, num_queries=7))["bbox"]
+    assert isinstance(focal, PostProcessFocal) and focal.num_select == 7  # num_queries, as the original code
+    focal = build_postprocessors(Namespace(cls_loss="focal", num_detections=100, num_queries=7))["bbox"]
+    assert focal.num_select == 100
+    ce = build_postprocessors(Namespace(cls_loss="ce", num_detections=5, num_queries=7))["bbox"]
+    assert ce.num_select == 5

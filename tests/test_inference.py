@@ -147,7 +147,7 @@ def test_eval_transform_takes_an_image_alone(tmp_path):
     image = Image.new("RGB", (96, 64), (120, 30, 200))
     target = {"boxes": torch.tensor([[10.0, 10.0, 40.0, 30.0]]), "labels": torch.tensor([1])}
     paired = make_coco_transforms("val", **scaled_coco_transform_params(64))
-    alone = datasets.eval_transform("synthetic", 64)(image)
+    alone = datasets.eval_transform({"dataset_file": "synthetic", "synthetic_image_size": 64})(image)
     assert torch.equal(alone, paired(image, target)[0])
     assert alone.shape == (3, 64, 96)
 
@@ -211,7 +211,7 @@ def test_eval_save_detections_writes_the_coco_results_that_were_scored(tiny_chec
 
 
 def test_save_detections_needs_eval_and_output_dir():
-    for argv in (["--save_detections", "--output_dir", "x"], ["--save_detections", "--eval"]):
+    for argv in (["--save_detections", "--output_dir", "x"], ["--save_detections", "--eval", "--resume", "x.pth"]):
         args = main.get_args_parser().parse_args(argv)
         with pytest.raises(UserError, match="--save_detections .* needs --eval and --output_dir"):
             main.check_args(args)

@@ -149,7 +149,9 @@ def test_attention_figure_arrays_are_the_models_prior_and_attention(tiny_checkpo
     (prior_args, _), = prior_calls
     (attn_args, attn_kwargs), = attn_calls
     with torch.no_grad():
-        G = decoder.priors[-1](*prior_args)  # (1, nhead, Q, HW): SpatialPrior's own output
+        G = decoder.priors[-1].log_prior(*prior_args)  # (1, nhead, Q, HW): SpatialPrior's explicit G
+        routed = decoder.priors[-1](*prior_args)  # what the forward pass used: G, or its factors (fused route)
+    torch.testing.assert_close(getattr(routed, "dense", lambda: routed)(), G, rtol=0, atol=1e-5)
     height, width = image.shape[-2:]
     cells_h, cells_w = -(-height // 32), -(-width // 32)
     input_size, image_size = (height, width), tuple(target["orig_size"].tolist())
@@ -170,7 +172,7 @@ def test_attention_figure_arrays_are_the_models_prior_and_attention(tiny_checkpo
                                    rtol=0, atol=0)
         np.testing.assert_allclose(panels.attention,
                                    attention[:, query_index].view(nhead, cells_h, cells_w).detach().numpy(),
-                                   rtol=1e-5, atol=1e-6)
+                                   rtol=1e-4, atol=1e-5)
         # head/query mixtures: the first 2 heads of the last 5 queries carry the prior; G is 0 elsewhere
         expected_mask = np.array([query_index >= 5] * 2 + [False] * 2)
         np.testing.assert_array_equal(panels.has_prior, expected_mask)

@@ -1,9 +1,10 @@
-"""Batching (NestedTensor), progress logging and seeding."""
+"""Batching (NestedTensor), progress logging, phase timing and seeding."""
+import contextlib
 import datetime
 import random
 import time
 from collections import defaultdict, deque
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,11 +31,16 @@ class NestedTensor:
         return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={tuple(self.mask.shape)})"
 
 
-def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
-    """Zero-pad images (C, H, W) at the bottom/right to the largest H and W of the list."""
+def nested_tensor_from_tensor_list(tensor_list: List[Tensor], pad_to: Optional[Tuple[int, int]] = None) -> NestedTensor:
+    """Zero-pad images (C, H, W) at the bottom/right to the largest H and W of the list, or to ``pad_to``
+    (H, W) when given (--fixed_size: every batch the same size)."""
     channels = tensor_list[0].shape[0]
     height = max(t.shape[1] for t in tensor_list)
     width = max(t.shape[2] for t in tensor_list)
+    if pad_to is not None:
+        if height > pad_to[0] or width > pad_to[1]:
+            raise ValueError(f"an image of {height}x{width} does not fit the {pad_to[0]}x{pad_to[1]} canvas")
+        height, width = pad_to
     first = tensor_list[0]
     tensors = first.new_zeros((len(tensor_list), channels, height, width))
     mask = torch.ones((len(tensor_list), height, width), dtype=torch.bool, device=first.device)
@@ -44,9 +50,10 @@ def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
     return NestedTensor(tensors, mask)
 
 
-def collate_fn(batch):
+def collate_fn(batch, pad_to: Optional[Tuple[int, int]] = None):
+    """Images padded into one NestedTensor (to ``pad_to`` (H, W) when given), targets as a tuple."""
     images, targets = zip(*batch)
-    return nested_tensor_from_tensor_list(list(images)), targets
+    return nested_tensor_from_tensor_list(list(images), pad_to), targets
 
 
 def seed_everything(seed: int) -> None:
@@ -99,11 +106,15 @@ class SmoothedValue:
 
 
 class MetricLogger:
-    """Collects SmoothedValues and prints DETR-style progress lines with iteration count and ETA."""
+    """Collects SmoothedValues and prints DETR-style progress lines with iteration count and ETA.
 
-    def __init__(self, delimiter: str = "  "):
+    ``show`` names the meters a progress line prints (None: all); the caller logs the full set elsewhere
+    (TensorBoard, log.txt), so a line stays readable with auxiliary losses."""
+
+    def __init__(self, delimiter: str = "  ", show: Optional[Sequence[str]] = None):
         self.meters = defaultdict(SmoothedValue)
         self.delimiter = delimiter
+        self.show = tuple(show) if show is not None else None
         self.data_time = 0.0  # seconds waiting for the current item
         self.iter_time = 0.0  # seconds of the previous full iteration
 
@@ -116,8 +127,16 @@ class MetricLogger:
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
         self.meters[name] = meter
 
+    def _shown(self, names=None):
+        names = names if names is not None else self.show if self.show is not None else self.meters
+        return [(name, self.meters[name]) for name in names if name in self.meters]
+
     def __str__(self):
-        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self._shown())
+
+    def averages(self, names: Optional[Sequence[str]] = None) -> str:
+        """Global averages of the given meters (default: the shown ones), e.g. for an 'Averaged stats:' line."""
+        return self.delimiter.join(f"{name}: {meter.global_avg:.4f}" for name, meter in self._shown(names))
 
     def synchronize_between_processes(self) -> None:
         for meter in self.meters.values():
@@ -144,8 +163,32 @@ class MetricLogger:
             if i % print_freq == 0 or i == total - 1:
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
                 print(f"{header} [{i:{width}d}/{total}]  eta: {eta}  {self}  "
-                      f"time: {iter_time}  data: {data_time}", flush=True)
+                      f"time/it: {iter_time.avg:.3f} s (data {data_time.avg:.3f} s)", flush=True)
             end = time.time()
         elapsed = datetime.timedelta(seconds=int(time.time() - began))
         print(f"{header} Total time: {elapsed} ({iter_time.global_avg:.4f} s / it)", flush=True)
 
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase, summed over calls: ``with timer("model"): ...``.
+
+    On CUDA each phase ends with a synchronize, so queued kernels count in the phase that launched them
+    and not in the next one that waits for them."""
+
+    def __init__(self, device: Optional[torch.device] = None):
+        self.seconds = defaultdict(float)
+        self._sync = device is not None and torch.device(device).type == "cuda"
+        self._device = device
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._sync:
+                torch.cuda.synchronize(self._device)
+            self.seconds[phase] += time.perf_counter() - start
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] += seconds

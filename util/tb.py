@@ -8,6 +8,8 @@ sub-folders). Tags and the step each is written at:
   epoch/train_<name>         step = epochs done = 0-based epoch index + 1
   epoch/time                 step = epochs done; seconds the epoch took
   coco/<AP|AP50|...|ARl>     step = epochs done; the 12 COCOeval bbox stats (COCO_METRIC_NAMES)
+  voc/mAP50_<11point|area>   step = epochs done; the VOC metric's means, for VOC-layout sets (datasets/voc_eval.py)
+  voc_AP50_<11point|area>/<class>  step = epochs done; its per-class APs (-1: no ground truth)
   smca/<key>                 step = epochs done; histogram of an SMCA diagnostic, e.g. smca/layer0/scale
   smca/<key>_mean            step = epochs done; its mean (for '.../offset_norm' keys only the mean,
                              under smca/<key>)
@@ -25,6 +27,8 @@ from tensorboard.backend.event_processing.event_file_loader import RawEventFileL
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
+
+from util.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -73,11 +77,17 @@ def drop_events_after(output_dir: str, iteration: int) -> int:
             continue
         # The temporary name must not contain 'tfevents', or TensorBoard would read it as a second file.
         tmp_path = os.path.join(output_dir, ".tb_rewrite.tmp")
-        with open(tmp_path, "wb") as f:
-            writer = RecordWriter(f)
-            for record in kept:
-                writer.write(record)
-        os.replace(tmp_path, path)
+        try:
+            with open(tmp_path, "wb") as f:
+                writer = RecordWriter(f)
+                for record in kept:
+                    writer.write(record)
+            os.replace(tmp_path, path)
+        except OSError as e:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+            raise UserError(f"could not rewrite {path} ({e.strerror or e}); it is unchanged: free space or "
+                            f"choose another --output_dir, then resume with --resume auto") from e
         dropped_total += dropped
     return dropped_total
 
@@ -172,6 +182,16 @@ class RunLogger:
         self.epochs_done = step
         # A job killed later in the next epoch still leaves this epoch's numbers on disk.
         self.writer.flush()
+
+    def log_voc(self, epoch: int, stats: dict) -> None:
+        """The VOC metric of an evaluation (engine.evaluate's 'voc_*' stats) at step epoch + 1."""
+        if self.writer is None:
+            return
+        step = epoch + 1
+        for definition in ("11point", "area"):
+            self.writer.add_scalar(f"voc/mAP50_{definition}", float(stats[f"voc_mAP50_{definition}"]), step)
+            for name, aps in stats["voc_AP50_per_class"].items():
+                self.writer.add_scalar(f"voc_AP50_{definition}/{name}", float(aps[definition]), step)
 
     def log_smca(self, epoch: int, diagnostics: dict[str, torch.Tensor]) -> None:
         """SMCA diagnostics at step epoch + 1: 'layer{i}/scale' -> histogram smca/layer{i}/scale and
