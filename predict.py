@@ -14,19 +14,20 @@ The architecture, class names and input transform come from the checkpoint (infe
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from datasets.class_names import class_name
+from datasets.images import ImageDecodeError, load_rgb
 from inference import Detector, load_detector
 from models.attention_maps import co_attention_maps
 from util.box_ops import box_cxcywh_to_xyxy
+from util.checkpoint import atomic_write_text
 from util.errors import UserError
 from util.misc import nested_tensor_from_tensor_list
 from util.visualize import AttentionRow, class_colour, draw_detections, plot_attention, query_panels
@@ -108,18 +109,6 @@ def output_names(images: List[Path]) -> List[str]:
     return names
 
 
-def read_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise _BadImage(f"cannot read image {path}: {e}") from e
-
-
-class _BadImage(Exception):
-    pass
-
-
 class Progress:
     """'[k/N] name: ... | s/image | ETA' lines, at most one every ``every_s`` seconds, plus the first and last."""
 
@@ -188,8 +177,8 @@ def predict(args) -> List[dict]:
     try:
         for done, (path, image_id, name) in enumerate(zip(images, image_ids(images), output_names(images)), 1):
             try:
-                image = read_image(path)
-            except _BadImage as e:
+                image = load_rgb(path)  # every PIL mode by its rule, as training reads images
+            except ImageDecodeError as e:
                 if not args.skip_bad_images:
                     raise UserError(f"{e}; fix or remove it, or pass --skip_bad_images (the detections of the "
                                     f"{done - 1 - skipped} images before it are in {output_dir / 'detections.json'})"
@@ -201,7 +190,7 @@ def predict(args) -> List[dict]:
             records += found
             progress.update(done, f"{path.name}: {len(found)} detections")
     finally:
-        write_json(records, output_dir / "detections.json")
+        atomic_write_text(output_dir / "detections.json", json.dumps(records), what="detections")
     print(f"wrote {len(records)} detections of {len(images) - skipped} images to {output_dir / 'detections.json'}"
           + (f" ({skipped} unreadable images skipped)" if skipped else ""))
     return records
@@ -229,12 +218,6 @@ def run_one(detector: Detector, image: Image.Image, image_id: int, file_name: st
         if rows:
             plot_attention(image, rows, output_dir / f"{name}_attention.png")
     return records
-
-
-def write_json(records: List[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(records))
-    os.replace(tmp, path)
 
 
 def cli(argv=None) -> int:
