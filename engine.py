@@ -180,19 +180,20 @@ def _grad_norm(model: torch.nn.Module) -> float:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: Dict, data_loader: Iterable,
              base_ds, device: torch.device, amp: bool = False, log_every: int = 20,
-             coco_backend: str = DEFAULT_BACKEND, voc_metric: bool = False) -> Tuple[Dict, List[float]]:
+             coco_backend: str = DEFAULT_BACKEND, voc_metric: bool = False,
+             evaluator: Optional[CocoEvaluator] = None) -> Tuple[Dict, List[float]]:
     """Losses on the validation set and COCO bbox evaluation merged over all ranks; with ``voc_metric`` also
     the Pascal VOC metric on the same detections (datasets/voc_eval.py).
 
     Returns (stats, coco_stats): stats has the averaged losses, 'coco_eval_bbox' (the 12 COCOeval numbers),
     with ``voc_metric`` 'voc_mAP50_11point', 'voc_mAP50_area' and 'voc_AP50_per_class', and 'time_<phase>'
     for each phase of EVAL_PHASES plus 'time_total' (seconds on this rank; the printed line says where the
-    time went); coco_stats is the list of 12.
+    time went); coco_stats is the list of 12. Pass an ``evaluator`` to read its merged detections afterwards.
     """
     model.eval()
     criterion.eval()
     metric_logger = MetricLogger(delimiter="  ", show=EVAL_CONSOLE)
-    evaluator = CocoEvaluator(base_ds, ("bbox",), backend=coco_backend)
+    evaluator = evaluator if evaluator is not None else CocoEvaluator(base_ds, ("bbox",), backend=coco_backend)
     voc_evaluator = VocEvaluator(base_ds) if voc_metric else None
     timer = PhaseTimer(device)
     began = time.perf_counter()

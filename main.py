@@ -16,6 +16,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 import datasets
 import engine
+from datasets.coco_eval import CocoEvaluator
 from models import build_model
 from options import (ablation_summary, check_args, format_config, get_args_parser,  # noqa: F401 (DETR's API)
                      resolve_args)
@@ -117,6 +118,7 @@ class Trainer:
     resumed_log_stats: Optional[dict] = None  # the checkpointed epoch's log line
     n_parameters: int = 0  # trainable parameters (log.txt, as DETR)
     resumed_metrics: Optional[dict] = None  # the named COCO metrics of the checkpoint's last evaluation
+    class_names: Optional[dict] = None  # {category id: name} of the dataset, stored in checkpoints
 
     @property
     def output_dir(self) -> Optional[Path]:
@@ -137,7 +139,7 @@ class Trainer:
         state = {"model": self.model_without_ddp.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "lr_scheduler": self.lr_scheduler.state_dict(), "epoch": epoch, "iteration": iteration,
                  "config": self.config, "rng": ckpt.rng_state(), "tb_step": self.tb_step,
-                 "log_stats": log_stats, "metrics": metrics or {}}
+                 "log_stats": log_stats, "metrics": metrics or {}, "class_names": self.class_names}
         ckpt.atomic_save(state, self.output_dir / name)
 
     def write_json(self, name: str, obj) -> None:
@@ -255,18 +257,23 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
     if args.eval:
         loader_val = DataLoader(dataset_val, batch_size=args.batch_size, collate_fn=_collate(args),
                                 num_workers=args.num_workers, sampler=_val_sampler(dataset_val))
+        evaluator = CocoEvaluator(base_ds, ("bbox",), backend=args.coco_backend)
         stats, _ = engine.evaluate(model, criterion, postprocessors, loader_val, base_ds, device, amp=args.amp,
-                                   coco_backend=args.coco_backend, voc_metric=datasets.uses_voc_metric(dataset_val))
+                                   coco_backend=args.coco_backend, voc_metric=datasets.uses_voc_metric(dataset_val),
+                                   evaluator=evaluator)
         if folder is not None and dist.is_main_process():
             folder.prepare()
             ckpt.atomic_write_text(folder.path / "eval.json", json.dumps(stats), what="eval.json")
+            if args.save_detections:
+                _save_detections(evaluator.detections(), folder.path / "detections.json")
         return stats
 
     optimizer = torch.optim.AdamW(_param_groups(model_without_ddp, args), lr=args.lr,
                                   weight_decay=args.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     trainer = Trainer(args, config, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
-                      device, folder, start_epoch=args.start_epoch, n_parameters=n_parameters)
+                      device, folder, start_epoch=args.start_epoch, n_parameters=n_parameters,
+                      class_names=datasets.class_names_of(dataset_val))
     if checkpoint is not None and "optimizer" in checkpoint and "lr_scheduler" in checkpoint:
         trainer.restore(checkpoint, resume_path, explicit)
     dataset_train = datasets.build_dataset("train", args)
@@ -290,6 +297,12 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
     finally:
         preemption.uninstall()
         logger.close()
+
+
+def _save_detections(detections: list, path: Path) -> None:
+    """COCO results JSON (a list of {image_id, category_id, bbox [x, y, w, h], score}), written atomically."""
+    ckpt.atomic_write_text(path, json.dumps(detections), what=path.name)
+    print(f"wrote {len(detections)} detections of {len({d['image_id'] for d in detections})} images to {path}")
 
 
 def _stop_for_requeue(trainer: Trainer, preemption, epoch: int, iteration: int, logger, metrics: dict) -> None:

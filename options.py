@@ -14,6 +14,7 @@ import torch
 
 import datasets
 from datasets.coco_eval import COCO_BACKENDS
+from models import resolve_cls_loss
 from util import lease, run_folder
 from util.errors import UserError
 
@@ -204,6 +205,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="a run folder's owner on another host without a heartbeat for this long is taken over "
                              "(README: Run folders)")
     parser.add_argument("--eval", action="store_true", help="evaluate the weights of --resume and exit")
+    parser.add_argument("--save_detections", action="store_true",
+                        help="with --eval: write the evaluated split's detections as COCO results "
+                             "(<output_dir>/detections.json)")
     parser.add_argument("--eval_untrained", action="store_true",
                         help="allow --eval without --resume: score the untrained model on purpose")
     parser.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
@@ -266,6 +270,9 @@ def check_args(args) -> None:
     if args.overwrite and args.output_dir and run_folder.continues_folder(args):
         raise UserError(f"--overwrite starts over but --resume {args.resume} continues the run in --output_dir; "
                         f"pass one of them")
+    if args.save_detections and not (args.eval and args.output_dir):
+        raise UserError("--save_detections writes <output_dir>/detections.json of an evaluation; "
+                        "it needs --eval and --output_dir")
     if args.resume and args.finetune_from:
         raise UserError("--resume and --finetune_from exclude each other: resume continues a run, "
                         "finetune_from starts a new one from another run's weights")
@@ -296,8 +303,7 @@ def _check_dataset_flags(args) -> None:
 
 def resolve_loss(args) -> None:
     """cls_loss auto -> focal with a spatial prior, ce without; loss-dependent defaults for coefficients."""
-    if args.cls_loss == "auto":
-        args.cls_loss = "ce" if args.dynamic_scale == "none" else "focal"
+    args.cls_loss = resolve_cls_loss(args.cls_loss, args.dynamic_scale)
     for name, value in LOSS_DEFAULTS[args.cls_loss].items():
         if getattr(args, name) is None:
             setattr(args, name, value)

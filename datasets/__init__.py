@@ -1,8 +1,13 @@
 """Dataset builders: the args namespace is read here and nowhere below."""
+import argparse
+from collections.abc import Mapping
+from typing import Callable, Optional
+
 import torch
 
 from util.errors import UserError
 
+from .class_names import COCO_NUM_CLASSES, class_names_of  # noqa: F401 (part of the package's API)
 from .coco import build_coco, coco_paths, max_category_id
 from .fixed_size import make_fixed_size_transforms
 from .mosaic import Mosaic
@@ -11,7 +16,6 @@ from .synthetic import (CATEGORIES, DEFAULT_IMAGE_SIZE, DEFAULT_ROOT, DEFAULT_TR
 from .transforms import make_coco_transforms, scaled_coco_transform_params
 from .voc import VocDetection, class_list, parse_set_list
 
-COCO_NUM_CLASSES = 91   # DETR's convention: COCO category ids 1..90 used directly as classes
 DATASETS = ("coco", "voc", "synthetic")
 
 
@@ -149,6 +153,20 @@ def check_split(dataset, image_set: str, need_annotations: bool = False) -> None
     if need_annotations and not base.coco.dataset.get("annotations"):
         raise UserError(f"the {image_set} set has no annotations: {source} lists {len(dataset)} images and no "
                         f"boxes, so COCO evaluation would report -1 for every metric; use a split with annotations")
+
+
+def eval_transform(config: Optional[Mapping] = None) -> Callable:
+    """The validation transform of the run a checkpoint's stored ``config`` describes (its --dataset_file,
+    --synthetic_image_size, --fixed_size; None: DETR's official checkpoints, COCO's), as a function of an
+    image alone: PIL image -> normalised (3, H, W) model input."""
+    flags = argparse.Namespace(**{"dataset_file": "coco", "synthetic_image_size": None, "fixed_size": None,
+                                  **(config or {})})
+    transforms = _transforms("val", flags)
+
+    def transform(image):
+        return transforms(image, None)[0]
+
+    return transform
 
 
 def get_coco_api_from_dataset(dataset):

@@ -96,6 +96,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.skip_bad_images = skip_bad_images
         self.coco = coco if coco is not None else load_coco_api(ann_file)
         self.ids = sorted(self.coco.imgs)
+        # {category id: name} from the annotation file (stored in checkpoints, shown by predict.py)
+        self.class_names = {int(c["id"]): str(c.get("name", c["id"])) for c in self.coco.dataset["categories"]}
         self.num_bad_images_skipped = 0
         # One pass over the raw annotations at build time, so the count covers
         # the whole file; targets themselves are built per item (as DETR).

@@ -200,6 +200,11 @@ class CocoEvaluator:
                 self.results[iou_type][image_id] = _TO_RESULTS[iou_type](image_id, pred)
         self._stats = None
 
+    def detections(self, iou_type: str = "bbox") -> list[dict]:
+        """Every result of ``iou_type`` as COCO results (image_id, category_id, bbox xywh, score), by image id:
+        the file format of test-dev submissions and ``COCO.loadRes``."""
+        return [d for image_id in sorted(self.results[iou_type]) for d in self.results[iou_type][image_id]]
+
     def synchronize_between_processes(self) -> None:
         merged = {t: {} for t in self.iou_types}
         for part in dist.all_gather(self.results):
@@ -217,7 +222,7 @@ class CocoEvaluator:
         self.coco_eval = {}
         for iou_type in self.iou_types:
             img_ids = sorted(self.results[iou_type])
-            detections = [d for i in img_ids for d in self.results[iou_type][i]]
+            detections = self.detections(iou_type)
             coco_eval = self.backend.evaluator(coco_gt, _results_api(self.backend, coco_gt, detections), iou_type)
             coco_eval.params.imgIds = img_ids
             if img_ids:

@@ -1,14 +1,70 @@
-"""``build_model(args)``: the only place where the argparse namespace meets the model code."""
-from models.backbone import build_backbone
+"""Model builders with typed keyword arguments (``build_detr``, ``build_postprocessor``), and ``build_model(args)``:
+the only place where the argparse namespace meets the model code, a translation of the flags onto them."""
+from collections.abc import Mapping
+
+from models.backbone import Backbone, Joiner
 from models.criterion import build_criterion
 from models.detr import DETR
 from models.matcher import build_matcher
 from models.position_encoding import build_position_encoding
-from models.postprocess import build_postprocessors
-from models.transformer import build_transformer
+from models.postprocess import build_postprocessor, build_postprocessors  # noqa: F401 (build_postprocessor: API)
+from models.transformer import Transformer
 
 # the focal-loss classifier starts at this foreground probability (bias = -log((1 - p) / p))
 FOCAL_PRIOR_PROB = 0.01
+CLS_LOSSES = ("ce", "focal")
+
+
+def build_detr(backbone: str = "resnet50", dilation: bool = False, num_classes: int = 91, num_queries: int = 100,
+               dynamic_scale: str = "none", smooth: float = 8.0, head_mixture: bool = False,
+               query_mixture: bool = False, cls_loss: str = "auto", hidden_dim: int = 256, nheads: int = 8,
+               enc_layers: int = 6, dec_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
+               pre_norm: bool = False, position_embedding: str = "sine", backbone_norm: str = "frozen",
+               backbone_weights: str = "none", train_backbone: bool = True, aux_loss: bool = True,
+               prior_impl: str = "fused") -> DETR:
+    """DETR, or SMCA-DETR with ``dynamic_scale`` type1-4; the defaults are DETR's (R50, 100 queries, COCO's 91 ids).
+
+    The arguments mean what main.py's flags of the same names mean (options.py; the SMCA ones are specified in
+    docs/ablation-modules.md). ``cls_loss`` only sets the classifier's initial bias (focal: foreground
+    probability FOCAL_PRIOR_PROB); 'auto' is focal with a spatial prior, ce without. ``backbone_weights``:
+    'none' (random), 'imagenet' (torchvision's download) or a path to a ResNet state dict.
+    ``train_backbone=False`` freezes the whole ResNet (main.py: ``--lr_backbone 0``). ``prior_impl``: how the
+    co-attention adds the prior, 'fused' or 'explicit' (same logits, same weights; models/spatial_prior.py).
+    """
+    # the position encoding first: a learned one draws from the generator before the ResNet, as before
+    position = build_position_encoding(position_embedding, hidden_dim)
+    joiner = Joiner(Backbone(backbone, train_backbone, dilation, backbone_weights, norm=backbone_norm), position)
+    transformer = Transformer(d_model=hidden_dim, nhead=nheads, num_encoder_layers=enc_layers,
+                              num_decoder_layers=dec_layers, dim_feedforward=dim_feedforward, dropout=dropout,
+                              normalize_before=pre_norm, num_queries=num_queries, dynamic_scale=dynamic_scale,
+                              smooth=smooth, head_mixture=head_mixture, query_mixture=query_mixture,
+                              prior_impl=prior_impl)
+    focal = resolve_cls_loss(cls_loss, dynamic_scale) == "focal"
+    return DETR(joiner, transformer, num_classes=num_classes, num_queries=num_queries, aux_loss=aux_loss,
+                class_bias_prior=FOCAL_PRIOR_PROB if focal else 0.0)
+
+
+def resolve_cls_loss(cls_loss: str, dynamic_scale: str) -> str:
+    """'auto' -> focal with a spatial prior, ce without (main.py's --cls_loss auto); 'ce'/'focal' unchanged."""
+    if cls_loss == "auto":
+        return "ce" if dynamic_scale == "none" else "focal"
+    if cls_loss not in CLS_LOSSES:
+        raise ValueError(f"cls_loss must be 'auto' or one of {CLS_LOSSES}, got {cls_loss!r}")
+    return cls_loss
+
+
+# main.py's flags that build_detr takes under the same name
+DETR_FLAGS = ("backbone", "dilation", "num_classes", "num_queries", "dynamic_scale", "smooth", "head_mixture",
+              "query_mixture", "cls_loss", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward",
+              "dropout", "pre_norm", "position_embedding", "backbone_norm", "prior_impl")
+
+
+def detr_kwargs(flags: Mapping) -> dict:
+    """build_detr's keyword arguments from main.py's resolved flags: ``vars(args)`` or a checkpoint's 'config'."""
+    kwargs = {name: flags[name] for name in DETR_FLAGS}
+    kwargs["train_backbone"] = flags["lr_backbone"] > 0
+    kwargs["aux_loss"] = not flags["no_aux_loss"]
+    return kwargs
 
 
 def build_model(args, backbone_weights: str = "none"):
@@ -16,9 +72,6 @@ def build_model(args, backbone_weights: str = "none"):
 
     backbone_weights: 'imagenet', 'none' or a path; main passes 'none' when a checkpoint will overwrite them.
     """
-    backbone = build_backbone(args, build_position_encoding(args), backbone_weights)
-    model = DETR(backbone, build_transformer(args), num_classes=args.num_classes, num_queries=args.num_queries,
-                 aux_loss=not args.no_aux_loss,
-                 class_bias_prior=FOCAL_PRIOR_PROB if args.cls_loss == "focal" else 0.0)
+    model = build_detr(**detr_kwargs(vars(args)), backbone_weights=backbone_weights)
     criterion = build_criterion(args, args.num_classes, build_matcher(args))
     return model, criterion, build_postprocessors(args)

@@ -125,10 +125,4 @@ def image_extent(mask: torch.Tensor, stride: int) -> torch.Tensor:
     return torch.stack([width, height], dim=-1).float() / stride
 
 
-def build_backbone(args, position_embedding: nn.Module, weights: str) -> Joiner:
-    train_backbone = args.lr_backbone > 0
-    backbone = Backbone(args.backbone, train_backbone, args.dilation, weights, norm=args.backbone_norm)
-    return Joiner(backbone, position_embedding)
-
-
-__all__ = ["Backbone", "Joiner", "ResNetBody", "build_backbone", "image_extent", "RESNETS"]
+__all__ = ["Backbone", "Joiner", "ResNetBody", "image_extent", "RESNETS"]

@@ -57,8 +57,12 @@ class PositionEmbeddingLearned(nn.Module):
         return pos.permute(2, 0, 1)[None].expand(x.shape[0], -1, -1, -1)  # (B, 2F, H, W)
 
 
-def build_position_encoding(args) -> nn.Module:
-    num_pos_feats = args.hidden_dim // 2
-    if args.position_embedding == "sine":
-        return PositionEmbeddingSine(num_pos_feats, normalize=True)
-    return PositionEmbeddingLearned(num_pos_feats)
+POSITION_ENCODINGS = {"sine": lambda feats: PositionEmbeddingSine(feats, normalize=True),
+                      "learned": PositionEmbeddingLearned}
+
+
+def build_position_encoding(kind: str, hidden_dim: int) -> nn.Module:
+    """'sine' or 'learned', half of ``hidden_dim`` for each of x and y."""
+    if kind not in POSITION_ENCODINGS:
+        raise ValueError(f"position_embedding must be one of {sorted(POSITION_ENCODINGS)}, got {kind!r}")
+    return POSITION_ENCODINGS[kind](hidden_dim // 2)

@@ -82,15 +82,17 @@ class PostProcessFocal(nn.Module):
         return results
 
 
+def build_postprocessor(cls_loss: str = "ce", num_queries: int = 100, num_detections: int | None = None) -> nn.Module:
+    """The post-processor that matches the classification loss ('ce' or 'focal', resolved). ``num_detections``
+    (None: the default) caps the detections kept per image: num_queries pairs for focal (the original SMCA
+    code), one per query for ce (DETR)."""
+    if cls_loss == "focal":
+        return PostProcessFocal(num_detections or num_queries)
+    if cls_loss == "ce":
+        return PostProcess(num_detections)
+    raise ValueError(f"build_postprocessor: cls_loss must be resolved to 'ce' or 'focal', got {cls_loss!r}")
+
+
 def build_postprocessors(args) -> dict[str, nn.Module]:
-    """args.cls_loss is already resolved to 'ce' or 'focal'; the post-processor must match the loss.
-    ``args.num_detections`` (None: the default) caps the detections kept per image: num_queries pairs for
-    focal (the original SMCA code), one per query for ce (DETR)."""
-    if args.cls_loss == "focal":
-        postprocessor = PostProcessFocal(args.num_detections or args.num_queries)
-    elif args.cls_loss == "ce":
-        postprocessor = PostProcess(args.num_detections)
-    else:
-        raise ValueError(f"build_postprocessors: --cls_loss must be resolved to 'ce' or 'focal', "
-                         f"got {args.cls_loss!r}")
-    return {"bbox": postprocessor}
+    """{'bbox': build_postprocessor} for resolved args (--cls_loss, --num_queries, --num_detections)."""
+    return {"bbox": build_postprocessor(args.cls_loss, args.num_queries, args.num_detections)}

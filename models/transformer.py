@@ -209,11 +209,3 @@ class Transformer(nn.Module):
         tgt = torch.zeros_like(query_pos)
         hs, box_reference = self.decoder(tgt, memory, mask, pos_embed, query_pos, (height, width), extent)
         return hs.transpose(1, 2), box_reference  # (L, B, Q, d)
-
-
-def build_transformer(args) -> Transformer:
-    return Transformer(d_model=args.hidden_dim, nhead=args.nheads, num_encoder_layers=args.enc_layers,
-                       num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward,
-                       dropout=args.dropout, normalize_before=args.pre_norm, num_queries=args.num_queries,
-                       dynamic_scale=args.dynamic_scale, smooth=args.smooth, head_mixture=args.head_mixture,
-                       query_mixture=args.query_mixture, prior_impl=args.prior_impl)

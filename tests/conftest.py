@@ -108,3 +108,28 @@ def finished_tiny_run(tmp_path_factory, cli_synthetic_root):
     result = run_main(argv)
     assert result.returncode == 0, result.stderr[-3000:]
     return folder, argv
+
+
+# the tiny SMCA model main.py trains for the inference tests (type2 with both mixtures, so some heads and queries
+# have no prior), and the synthetic set it trains on (64-px images)
+TINY_TRAIN_FLAGS = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32",
+                    "--dim_feedforward", "64", "--enc_layers", "1", "--dec_layers", "2", "--nheads", "4",
+                    "--num_queries", "10", "--batch_size", "2", "--synthetic_train_size", "8",
+                    "--synthetic_val_size", "4", "--synthetic_image_size", "64", "--device", "cpu",
+                    "--num_workers", "0", "--epochs", "1", "--max_iters_per_epoch", "2",
+                    "--dynamic_scale", "type2", "--head_mixture", "--query_mixture"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(checkpoint path, synthetic root) of a real main.py run: one epoch of two steps."""
+    import os
+    import subprocess
+
+    synthetic_root = tmp_path_factory.mktemp("synthetic_tiny")
+    out = tmp_path_factory.mktemp("tiny_run")
+    result = subprocess.run([sys.executable, "main.py", *TINY_TRAIN_FLAGS, "--synthetic_root", str(synthetic_root),
+                             "--output_dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "checkpoint.pth", synthetic_root

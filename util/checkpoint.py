@@ -157,17 +157,20 @@ def leftover_temp_files(folder: str | os.PathLike) -> list[str]:
     return sorted(os.path.join(folder, n) for n in names if _TMP_RE.match(n))
 
 
-def load_checkpoint(path_or_url: str, trust: bool = False) -> dict:
+def load_checkpoint(path_or_url: str, trust: bool = False, check_hash: bool = False,
+                    offline_hint: str = 'download it elsewhere and pass the local path with --resume PATH') -> dict:
     """Load a checkpoint dict onto the CPU from a local path or an http(s) URL.
 
-    URLs are downloaded once into the torch.hub cache (``$TORCH_HOME/hub/checkpoints``). Unless
+    URLs are downloaded once into the torch.hub cache (``$TORCH_HOME/hub/checkpoints``); ``check_hash``
+    verifies the SHA256 prefix in the file name (torch.hub's convention, as in DETR's published files), and
+    ``offline_hint`` ends the message of a failed download (what to do instead). Unless
     ``trust`` is set the file is unpickled with ``weights_only=True``: tensors, containers, numbers and
     strings (plus argparse.Namespace, see _SAFE_GLOBALS) load; any other pickled object is refused
     before it can run code. Every failure (no network, missing file, unsafe or corrupt file) raises
     UserError with the fix.
     """
     if path_or_url.startswith(('https://', 'http://')):
-        obj = _load_url(path_or_url, trust)
+        obj = _load_url(path_or_url, trust, check_hash, offline_hint)
     else:
         path = os.path.expanduser(path_or_url)
         if not os.path.isfile(path):
@@ -179,24 +182,26 @@ def load_checkpoint(path_or_url: str, trust: bool = False) -> dict:
     return obj
 
 
-def _load_url(url: str, trust: bool) -> dict:
+def _load_url(url: str, trust: bool, check_hash: bool, offline_hint: str) -> dict:
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.hub.load_state_dict_from_url(
-                url, map_location='cpu', check_hash=False, weights_only=not trust)
+                url, map_location='cpu', check_hash=check_hash, weights_only=not trust)
     except (OSError, http.client.HTTPException) as e:
         reason = getattr(e, 'reason', None) or e
-        raise UserError(f'could not download {url} ({reason}); download it elsewhere and pass the '
-                        f'local path with --resume PATH') from e
+        raise UserError(f'could not download {url} ({reason}); {offline_hint}') from e
     except Exception as e:
         # The download worked; torch.hub loads the cached copy, so name that file in the message.
-        cached = os.path.join(torch.hub.get_dir(), 'checkpoints',
-                              os.path.basename(urllib.parse.urlparse(url).path))
-        raise _load_error(e, f'{cached} (downloaded from {url})', trust) from e
+        raise _load_error(e, f'{hub_cache_path(url)} (downloaded from {url})', trust) from e
     finally:
         socket.setdefaulttimeout(previous_timeout)
+
+
+def hub_cache_path(url: str) -> str:
+    """Where torch.hub keeps the download of ``url`` (a file put there is used instead of downloading)."""
+    return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(urllib.parse.urlparse(url).path))
 
 
 def _load_file(path: str, trust: bool, shown: str):

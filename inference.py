@@ -1,0 +1,124 @@
+"""A trained detector, ready to run on images: model, post-processor, class names and input transform from one
+checkpoint (this fork's, or DETR's published COCO checkpoints).
+
+    detector = load_detector("outputs/demo/checkpoint.pth")
+    results = detector([PIL.Image.open("a.jpg")])  # per image: 'scores', 'labels', 'boxes' (xyxy pixels)
+
+The architecture comes from the checkpoint: its stored configuration, or for DETR's official files (which store
+none) from the weights (util/run_config.infer_official_config). predict.py and hubconf.py build on this.
+"""
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+import datasets
+from datasets.class_names import default_class_names
+from models import build_detr, build_postprocessor, detr_kwargs
+from options import ARCH_FLAGS, get_args_parser, resolve_loss
+from util import run_config
+from util.checkpoint import load_checkpoint, load_model_weights
+from util.errors import UserError
+from util.misc import nested_tensor_from_tensor_list
+
+DETR_URL = "https://dl.fbaipublicfiles.com/detr/"
+# DETR's published COCO checkpoints: hub entry -> (URL, the architecture flags the weights cannot tell)
+DETR_CHECKPOINTS = {
+    "detr_resnet50": (DETR_URL + "detr-r50-e632da11.pth", {"backbone": "resnet50", "dilation": False}),
+    "detr_resnet50_dc5": (DETR_URL + "detr-r50-dc5-f0fb7ef5.pth", {"backbone": "resnet50", "dilation": True}),
+    "detr_resnet101": (DETR_URL + "detr-r101-2c7b67e5.pth", {"backbone": "resnet101", "dilation": False}),
+    "detr_resnet101_dc5": (DETR_URL + "detr-r101-dc5-a2e86def.pth", {"backbone": "resnet101", "dilation": True}),
+}
+
+# per-query score and class, as the post-processor of each loss scores them: softmax over the C + 1 logits
+# with no-object left out (ce), sigmoid of the C class logits (focal); (B, Q, C + 1) -> (B, Q), (B, Q)
+QUERY_SCORES: Dict[str, Callable[[Tensor], tuple]] = {
+    "ce": lambda logits: logits.float().softmax(-1)[..., :-1].max(-1),
+    "focal": lambda logits: logits.float()[..., :-1].sigmoid().max(-1),
+}
+
+
+@dataclass
+class Detector:
+    """Everything needed to turn images into named detections."""
+    model: nn.Module  # in eval mode, on its device
+    postprocessor: nn.Module
+    class_names: Optional[Dict[int, str]]  # {category id: name}; None when the checkpoint cannot tell
+    transform: Callable  # PIL image -> normalised (3, H, W) model input (the run's validation transform)
+    config: dict  # the checkpoint's stored flags (none for DETR's files) with the architecture flags as built
+    source: str  # the checkpoint path or URL
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def cls_loss(self) -> str:
+        return self.config["cls_loss"]
+
+    def describe(self) -> str:
+        c = self.config
+        prior = "plain DETR" if c["dynamic_scale"] == "none" else f"SMCA {c['dynamic_scale']}"
+        return (f"{c['backbone']}{' DC5' if c['dilation'] else ''}, {prior}, {c['num_queries']} queries, "
+                f"{c['num_classes']} class ids, {c['cls_loss']} classifier, from {self.source}")
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence) -> List[Dict[str, Tensor]]:
+        """PIL images -> per image 'scores' (K,), 'labels' (K,) category ids, 'boxes' (K, 4) absolute xyxy in
+        that image's pixels (the post-processor's output; several images are padded into one batch)."""
+        samples = nested_tensor_from_tensor_list([self.transform(image) for image in images]).to(self.device)
+        sizes = torch.tensor([[image.height, image.width] for image in images], device=self.device)
+        return self.postprocessor(self.model(samples), sizes)
+
+    def query_scores(self, logits: Tensor) -> tuple:
+        """(B, Q, C + 1) logits -> the best class's score (B, Q) and that class (B, Q) of every query."""
+        return QUERY_SCORES[self.cls_loss](logits)
+
+
+def load_detector(checkpoint: str, device: str = "cpu", trust: bool = False, check_hash: bool = False,
+                  offline_hint: Optional[str] = None, **architecture) -> Detector:
+    """A ready Detector from a checkpoint path or URL.
+
+    ``architecture``: main.py's architecture flags (options.ARCH_FLAGS), for what a checkpoint cannot tell:
+    a value that contradicts the checkpoint is a UserError. A DETR file whose name contains 'dc5' is built
+    dilated. ``trust`` allows checkpoints that need full unpickling (main.py's --trust_checkpoint);
+    ``check_hash`` and ``offline_hint`` are util.checkpoint.load_checkpoint's. Bad files raise UserError.
+    """
+    unknown = sorted(set(architecture) - set(ARCH_FLAGS))
+    if unknown:
+        raise TypeError(f"load_detector: {unknown} are not architecture flags (options.ARCH_FLAGS)")
+    hint = {} if offline_hint is None else {"offline_hint": offline_hint}
+    ckpt = load_checkpoint(checkpoint, trust=trust, check_hash=check_hash, **hint)
+    state = ckpt.get("model")
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"{checkpoint} holds no model weights ('model' entry; it has {sorted(ckpt)[:6]}); "
+                        f"pass a checkpoint written by main.py or one of DETR's")
+    args = get_args_parser().parse_args([])
+    vars(args).update(architecture)
+    stored = ckpt.get("config")
+    if stored:
+        run_config.reconcile_config(args, set(architecture), stored, checkpoint)
+        args.num_detections = stored.get("num_detections")  # the run's cap on detections per image
+    else:
+        if "dilation" not in architecture:
+            args.dilation = "dc5" in os.path.basename(checkpoint).lower()
+        run_config.infer_official_config(state, checkpoint, args, set(architecture))
+    if args.masks:
+        raise UserError(f"{checkpoint} is a DETR segmentation checkpoint (mask head); this fork detects boxes only")
+    resolve_loss(args)
+    if args.num_classes is None:
+        raise UserError(f"{checkpoint} does not say its number of classes (no num_classes in its config, no "
+                        f"class_embed weights)")
+    model = build_detr(**{**detr_kwargs(vars(args)), "aux_loss": False})
+    load_model_weights(model, state)
+    model.to(device).eval()
+    dataset_file = stored.get("dataset_file") if stored else None
+    class_names = ckpt.get("class_names") or default_class_names(dataset_file, args.num_classes)
+    transform = datasets.eval_transform(stored)
+    postprocessor = build_postprocessor(args.cls_loss, args.num_queries, args.num_detections)
+    return Detector(model=model, postprocessor=postprocessor,
+                    class_names=None if class_names is None else {int(k): str(v) for k, v in class_names.items()},
+                    transform=transform, config={**(stored or {}), **{f: getattr(args, f) for f in ARCH_FLAGS}},
+                    source=checkpoint)
