@@ -11,10 +11,11 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from datasets.coco_eval import DEFAULT_BACKEND, CocoEvaluator
+from datasets.panoptic_eval import STATS_KEYS, PanopticEvaluator
 from util import dist
 from util.errors import UserError
 from util.misc import MetricLogger, PhaseTimer, SmoothedValue
-from util.tb import COCO_METRIC_NAMES
+from util.tb import COCO_METRIC_NAMES, panoptic_metrics
 
 # What the console shows per progress line; every meter still goes to TensorBoard and log.txt.
 LOSS_METERS = ("loss", "loss_ce", "loss_bbox", "loss_giou")
@@ -151,16 +152,21 @@ def _grad_norm(model: torch.nn.Module) -> float:
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: Dict, data_loader: Iterable,
              base_ds, device: torch.device, amp: bool = False, log_every: int = 20,
              coco_backend: str = DEFAULT_BACKEND) -> Tuple[Dict, List[float]]:
-    """Losses on the validation set and COCO bbox evaluation merged over all ranks.
+    """Losses on the validation set and COCO bbox evaluation merged over all ranks; with the post-processors
+    'segm' and 'panoptic' (--masks, models/postprocess_segm.py) also mask AP and PQ, as DETR.
 
-    Returns (stats, coco_stats): stats has the averaged losses, 'coco_eval_bbox' (the 12 COCOeval numbers)
-    and 'time_<phase>' for each phase of EVAL_PHASES plus 'time_total' (seconds on this rank; the printed
-    line says where the time went); coco_stats is the list of 12.
+    Returns (stats, coco_stats): stats has the averaged losses, 'coco_eval_bbox' (the 12 COCOeval numbers),
+    with 'segm' 'coco_eval_masks', with 'panoptic' 'PQ_all', 'PQ_th', 'PQ_st' ({'pq', 'sq', 'rq', 'n'}, DETR's
+    keys), and 'time_<phase>' for each phase of EVAL_PHASES plus 'time_total' (seconds on this rank; the printed
+    line says where the time went); coco_stats is the bbox list of 12.
     """
     model.eval()
     criterion.eval()
     metric_logger = MetricLogger(delimiter="  ", show=EVAL_CONSOLE)
-    evaluator = CocoEvaluator(base_ds, ("bbox",), backend=coco_backend)
+    evaluator = CocoEvaluator(base_ds, ("bbox", "segm") if "segm" in postprocessors else ("bbox",),
+                              backend=coco_backend)
+    # PQ against the panoptic ground truth of the loader's dataset (DETR reads it from there too)
+    panoptic = PanopticEvaluator.from_dataset(data_loader.dataset) if "panoptic" in postprocessors else None
     timer = PhaseTimer(device)
     began = time.perf_counter()
     for samples, targets in metric_logger.log_every(data_loader, log_every, "Test:"):
@@ -179,17 +185,32 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
                                  class_error=loss_dict.get("class_error", torch.zeros(())))
         with timer("postprocess"):
             orig_sizes = torch.stack([t["orig_size"] for t in targets])
+            sizes = torch.stack([t["size"] for t in targets])
+            canvas = samples.tensors.shape[-2:]  # the padded batch the masks cover
             results = postprocessors["bbox"](outputs, orig_sizes)
+            if "segm" in postprocessors:
+                results = postprocessors["segm"](results, outputs, orig_sizes, sizes, canvas)
             evaluator.update({t["image_id"].item(): r for t, r in zip(targets, results)})
+            if panoptic is not None:
+                segmentations = postprocessors["panoptic"](outputs, sizes, orig_sizes, canvas)
+        if panoptic is not None:
+            with timer("scoring"):
+                panoptic.update({t["image_id"].item(): r for t, r in zip(targets, segmentations)})
     with timer("gather"):
         metric_logger.synchronize_between_processes()
         evaluator.synchronize_between_processes()
+        if panoptic is not None:
+            panoptic.synchronize_between_processes()
     print("Averaged stats:", metric_logger.averages())
     with timer("scoring"):
         evaluator.accumulate()
         coco_stats = [float(x) for x in evaluator.summarize()]
+        panoptic_results = panoptic.summarize() if panoptic is not None else {}
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats["coco_eval_bbox"] = coco_stats
+    if "segm" in evaluator.iou_types:
+        stats["coco_eval_masks"] = evaluator.stats_by_type["segm"]
+    stats.update({key: panoptic_results[group] for group, key in STATS_KEYS.items() if group in panoptic_results})
     stats.update({f"time_{phase}": timer.seconds[phase] for phase in EVAL_PHASES})
     stats["time_total"] = time.perf_counter() - began
     print(eval_time_line(stats, len(evaluator.img_ids), coco_backend))
@@ -206,9 +227,10 @@ def eval_time_line(stats: Dict, num_images: int, coco_backend: str) -> str:
 
 
 def final_metrics(test_stats: Dict) -> Dict[str, float]:
-    """The named COCO metrics of the last evaluation (empty if there was none)."""
+    """The named COCO bbox metrics and, for panoptic runs, PQ/SQ/RQ of the last evaluation (empty if none)."""
     coco = test_stats.get("coco_eval_bbox") if test_stats else None
-    return dict(zip(COCO_METRIC_NAMES, coco)) if coco else {}
+    metrics = dict(zip(COCO_METRIC_NAMES, coco)) if coco else {}
+    return {**metrics, **panoptic_metrics(test_stats or {})}
 
 
 __all__ = ["train_one_epoch", "evaluate", "eval_time_line", "final_metrics", "ResumableSampler", "TrainResult", "NonFiniteLoss"]

@@ -46,6 +46,15 @@ def _resume_path(args) -> str:
     return str(path) if path.exists() else ""
 
 
+def _adopt_architecture(args, explicit, checkpoint: dict, path: str, ignore=()) -> list:
+    """The architecture flags from a checkpoint's config, or inferred from an official DETR checkpoint's weights;
+    returns the messages to print."""
+    stored = checkpoint.get("config")
+    if stored:
+        return run_config.reconcile_config(args, explicit, stored, path, ignore) + run_config.dc5_batch_warning(args)
+    return run_config.infer_official_config(checkpoint["model"], path, args, explicit, ignore)
+
+
 def _param_groups(model, args):
     backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
     rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
@@ -171,15 +180,17 @@ def main(args, explicit=frozenset()):
     device = torch.device(args.device)
     if args.output_dir:
         _check_output_dir(args.output_dir)
+    datasets.check_paths(args, ("val",) if args.eval else ("train", "val"))
 
     resume_path = _resume_path(args)
     checkpoint = ckpt.load_checkpoint(resume_path, trust=args.trust_checkpoint) if resume_path else None
     if checkpoint is not None:
-        stored = checkpoint.get("config")
-        messages = (run_config.reconcile_config(args, explicit, stored, resume_path)
-                    + run_config.dc5_batch_warning(args) if stored
-                    else run_config.infer_official_config(checkpoint["model"], resume_path, args, explicit))
-        for message in messages:
+        for message in _adopt_architecture(args, explicit, checkpoint, resume_path):
+            print(message)
+    # DETR's second stage: the detector of a box checkpoint, frozen; --masks is what this run adds
+    frozen = ckpt.load_checkpoint(args.frozen_weights, trust=args.trust_checkpoint) if args.frozen_weights else None
+    if frozen is not None:
+        for message in _adopt_architecture(args, explicit, frozen, args.frozen_weights, ignore={"masks"}):
             print(message)
     resolve_args(args)
     config = run_config.config_to_dict(args)
@@ -187,10 +198,13 @@ def main(args, explicit=frozenset()):
     print(ablation_summary(args))
 
     seed_everything(args.seed + dist.get_rank())
-    weights = "none" if (checkpoint is not None or args.finetune_from) else args.backbone_weights
+    weights = "none" if (checkpoint is not None or frozen is not None or args.finetune_from) else args.backbone_weights
     model, criterion, postprocessors = build_model(args, backbone_weights=weights)
     model.to(device)
     model_without_ddp = model
+    if frozen is not None:
+        for line in ckpt.load_model_weights(model_without_ddp.detr, ckpt.detector_weights(frozen["model"])):
+            print(line)
     if args.finetune_from:
         source = ckpt.load_checkpoint(args.finetune_from, trust=args.trust_checkpoint)
         for line in ckpt.finetune_weights(model_without_ddp, source["model"]):
@@ -293,6 +307,8 @@ def train(trainer: Trainer, dataset_train, dataset_val, base_ds, logger, preempt
         # order: events, checkpoint (holding the log line), log line; a stop anywhere in between resumes
         # consistently (events past the checkpoint are dropped, a missing log line comes from the checkpoint)
         logger.log_epoch(epoch, result.stats, coco_stats, epoch_time)
+        if coco_stats is not None:
+            logger.log_segmentation(epoch, test_stats)
         trainer.save("checkpoint.pth", epoch, log_stats=log_stats)
         # keep a copy before each lr drop and every --save_every epochs (DETR)
         if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.save_every == 0:

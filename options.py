@@ -13,12 +13,15 @@ import torch
 
 import datasets
 from datasets.coco_eval import COCO_BACKENDS
+from models.postprocess_segm import PANOPTIC_THRESHOLDS
+from models.segmentation import MASK_HEAD_NARROWING
 from util.errors import UserError
 
 DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
 # defaults that depend on the classification loss: (ce, focal); focal's are the research code's
-LOSS_DEFAULTS = {"ce": {"cls_loss_coef": 1.0, "set_cost_class": 1.0},
-                 "focal": {"cls_loss_coef": 2.0, "set_cost_class": 2.0}}
+LOSS_DEFAULTS = {"ce": {"cls_loss_coef": 1.0, "set_cost_class": 1.0, "panoptic_threshold": PANOPTIC_THRESHOLDS["ce"]},
+                 "focal": {"cls_loss_coef": 2.0, "set_cost_class": 2.0,
+                           "panoptic_threshold": PANOPTIC_THRESHOLDS["focal"]}}
 
 
 def architecture(action: argparse.Action) -> argparse.Action:
@@ -46,7 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr_drop", default=200, type=int)
     parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
     parser.add_argument("--frozen_weights", type=str, default=None,
-                        help="DETR's segmentation-only flag; not supported by this fork")
+                        help="with --masks: a box checkpoint (path or URL) whose detector is loaded and frozen, so "
+                             "only the mask head trains (DETR's second stage)")
 
     # model
     arch("--backbone", default="resnet50", type=str,
@@ -66,7 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     arch("--nheads", default=8, type=int)
     arch("--num_queries", default=100, type=int)
     arch("--pre_norm", action="store_true")
-    arch("--masks", action="store_true", help="DETR's segmentation head; not supported here")
+    arch("--masks", action="store_true",
+         help="DETR's segmentation head (panoptic sets: coco_panoptic, synthetic); the backbone returns layer1-4")
 
     # SMCA ablations (docs/ablation-modules.md)
     arch("--dynamic_scale", default="none", choices=DYNAMIC_SCALES,
@@ -89,16 +94,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bbox_loss_coef", default=5.0, type=float)
     parser.add_argument("--giou_loss_coef", default=2.0, type=float)
     parser.add_argument("--eos_coef", default=0.1, type=float, help="no-object class weight (ce)")
+    parser.add_argument("--mask_loss_coef", default=1.0, type=float, help="--masks: weight of the mask focal loss")
+    parser.add_argument("--dice_loss_coef", default=1.0, type=float, help="--masks: weight of the mask DICE loss")
 
     # evaluation
     parser.add_argument("--num_detections", default=None, type=int,
                         help="detections kept per image for evaluation; default: num_queries (query, class) "
                              "pairs for focal (the original SMCA post-processing), one per query for ce (DETR)")
+    parser.add_argument("--panoptic_threshold", default=None, type=float,
+                        help="--masks: a query joins the panoptic segmentation when its class score exceeds this; "
+                             "default 0.85 on the softmax (ce, DETR), 0.5 on the best sigmoid (focal)")
 
     # data
-    parser.add_argument("--dataset_file", default=None, choices=("coco", "synthetic"),
-                        help="default: coco when --coco_path is given (DETR's commands), else the embedded synthetic set")
+    parser.add_argument("--dataset_file", default=None, choices=datasets.DATASET_FILES,
+                        help="default: coco_panoptic when --coco_panoptic_path is given, coco when --coco_path is "
+                             "(DETR's commands), else the embedded synthetic set (its panoptic version with --masks)")
     parser.add_argument("--coco_path", type=str, default=None)
+    parser.add_argument("--coco_panoptic_path", type=str, default=None,
+                        help="coco_panoptic: folder with annotations/panoptic_{train,val}2017.json and the PNG folders "
+                             "panoptic_{train,val}2017/")
     arch("--num_classes", type=int, default=None,
          help="largest category id + 1 (default: 91 for COCO, derived for synthetic)")
     parser.add_argument("--synthetic_root", type=str,
@@ -141,7 +155,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     """Parse-time validation of values and combinations; raises UserError with one clear message."""
     if args.dataset_file is None:
-        args.dataset_file = "coco" if args.coco_path else "synthetic"
+        args.dataset_file = _default_dataset_file(args)
+    if args.dataset_file == "synthetic" and args.masks:
+        args.dataset_file = "synthetic_panoptic"
     positive = ("batch_size", "epochs", "lr_drop", "enc_layers", "dec_layers", "hidden_dim", "nheads",
                 "num_queries", "dim_feedforward", "log_every", "save_every", "eval_every")
     for name in positive:
@@ -168,8 +184,15 @@ def check_args(args) -> None:
         raise UserError(f"--query_mixture needs at least 2 queries, got --num_queries {args.num_queries}")
     if args.num_classes is not None and args.num_classes <= 0:
         raise UserError(f"--num_classes must be positive, got {args.num_classes}")
-    if args.masks or args.frozen_weights:
-        raise UserError("--masks / --frozen_weights (DETR's panoptic segmentation) are not supported by this fork")
+    if args.frozen_weights and not args.masks:
+        raise UserError("--frozen_weights trains DETR's mask head on a frozen detector and needs --masks")
+    if args.frozen_weights and args.finetune_from:
+        raise UserError("--frozen_weights and --finetune_from both give the detector its weights; pass one")
+    if args.masks and args.hidden_dim < MASK_HEAD_NARROWING:
+        raise UserError(f"--masks: the mask head narrows --hidden_dim by {MASK_HEAD_NARROWING}; "
+                        f"--hidden_dim {args.hidden_dim} is smaller")
+    if args.panoptic_threshold is not None and not 0 <= args.panoptic_threshold < 1:
+        raise UserError(f"--panoptic_threshold is a probability in [0, 1), got {args.panoptic_threshold}")
     if args.dilation and args.backbone in ("resnet18", "resnet34"):
         raise UserError(f"--dilation needs a bottleneck ResNet (resnet50 or resnet101); torchvision's "
                         f"{args.backbone} blocks do not support dilation")
@@ -201,11 +224,17 @@ def resolve_args(args) -> None:
         args.num_classes = datasets.num_classes_for(args)
 
 
+def _default_dataset_file(args) -> str:
+    if args.coco_panoptic_path:
+        return "coco_panoptic"
+    return "coco" if args.coco_path else "synthetic"
+
+
 def _automatic_values(args) -> dict:
     """What the 'auto' / None defaults resolve to for these flags (resolve_loss, check_args)."""
     cls_loss = "ce" if args.dynamic_scale == "none" else "focal"
     coefficients = LOSS_DEFAULTS[args.cls_loss if args.cls_loss in LOSS_DEFAULTS else cls_loss]
-    return {"cls_loss": cls_loss, **coefficients, "dataset_file": "coco" if args.coco_path else "synthetic"}
+    return {"cls_loss": cls_loss, **coefficients, "dataset_file": _default_dataset_file(args)}
 
 
 def format_config(args) -> str:
@@ -227,8 +256,12 @@ def ablation_summary(args) -> str:
     prior = "off (plain DETR co-attention)" if args.dynamic_scale == "none" else (
         f"{args.dynamic_scale}, smooth {args.smooth:g}, head_mixture {args.head_mixture}, "
         f"query_mixture {args.query_mixture}")
+    masks = ""
+    if args.masks:
+        masks = ("; masks: mask head only, detector frozen from " + args.frozen_weights if args.frozen_weights
+                 else "; masks: detector and mask head")
     return (f"ablation: dynamic_scale {prior}; cls_loss {args.cls_loss} (coef {args.cls_loss_coef:g}, "
-            f"match cost {args.set_cost_class:g}); num_queries {args.num_queries}")
+            f"match cost {args.set_cost_class:g}); num_queries {args.num_queries}{masks}")
 
 
 ARCH_FLAGS = architecture_flags(get_args_parser())
