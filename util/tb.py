@@ -39,6 +39,13 @@ PANOPTIC_GROUPS = {"PQ_all": "", "PQ_th": "_th", "PQ_st": "_st"}
 PANOPTIC_METRIC_NAMES = tuple(f"{m}{suffix}" for suffix in PANOPTIC_GROUPS.values() for m in ("PQ", "SQ", "RQ"))
 
 
+# experiments/compare.py's --metric names -> their epoch-axis TensorBoard tags (bbox AP, mask AP as segm_AP, PQ)
+METRIC_TAGS = {**{name: f"coco/{name}" for name in COCO_METRIC_NAMES},
+               **{f"segm_{name}": f"segm/{name}" for name in COCO_METRIC_NAMES},
+               **{name: f"panoptic/{name}" for name in PANOPTIC_METRIC_NAMES}}
+EVAL_TAG_PREFIXES = ("coco/", "segm/", "panoptic/")
+
+
 def panoptic_metrics(stats: dict) -> dict[str, float]:
     """{'PQ': .., 'SQ': .., ..., 'RQ_st': ..} from evaluate()'s stats ('PQ_all': {'pq', 'sq', 'rq', 'n'}, ...);
     empty when the stats hold no panoptic evaluation."""
