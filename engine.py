@@ -12,6 +12,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from datasets.coco_eval import DEFAULT_BACKEND, CocoEvaluator
 from datasets.panoptic_eval import STATS_KEYS, PanopticEvaluator
+from datasets.voc_eval import VocEvaluator
 from util import dist
 from util.errors import UserError
 from util.misc import MetricLogger, PhaseTimer, SmoothedValue
@@ -24,6 +25,7 @@ EVAL_CONSOLE = LOSS_METERS + ("class_error",)
 # Phases of evaluate(), in order: stats 'time_<phase>' (seconds), and their names in the printed line.
 EVAL_PHASES = {"data": "data", "model": "model", "loss": "loss", "postprocess": "post-processing",
                "gather": "gathering", "scoring": "COCO scoring"}
+VOC_MEAN_NAMES = ("voc_mAP50_11point", "voc_mAP50_area")
 
 
 class ResumableSampler(DistributedSampler):
@@ -151,20 +153,23 @@ def _grad_norm(model: torch.nn.Module) -> float:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: Dict, data_loader: Iterable,
              base_ds, device: torch.device, amp: bool = False, log_every: int = 20,
-             coco_backend: str = DEFAULT_BACKEND) -> Tuple[Dict, List[float]]:
-    """Losses on the validation set and COCO bbox evaluation merged over all ranks; with the post-processors
-    'segm' and 'panoptic' (--masks, models/postprocess_segm.py) also mask AP and PQ, as DETR.
+             coco_backend: str = DEFAULT_BACKEND, voc_metric: bool = False) -> Tuple[Dict, List[float]]:
+    """Losses on the validation set and COCO bbox evaluation merged over all ranks; with ``voc_metric`` also
+    the Pascal VOC metric on the same detections (datasets/voc_eval.py); with the post-processors 'segm' and
+    'panoptic' (--masks, models/postprocess_segm.py) also mask AP and PQ, as DETR.
 
     Returns (stats, coco_stats): stats has the averaged losses, 'coco_eval_bbox' (the 12 COCOeval numbers),
-    with 'segm' 'coco_eval_masks', with 'panoptic' 'PQ_all', 'PQ_th', 'PQ_st' ({'pq', 'sq', 'rq', 'n'}, DETR's
-    keys), and 'time_<phase>' for each phase of EVAL_PHASES plus 'time_total' (seconds on this rank; the printed
-    line says where the time went); coco_stats is the bbox list of 12.
+    with ``voc_metric`` 'voc_mAP50_11point', 'voc_mAP50_area' and 'voc_AP50_per_class', with 'segm'
+    'coco_eval_masks', with 'panoptic' 'PQ_all', 'PQ_th', 'PQ_st' ({'pq', 'sq', 'rq', 'n'}, DETR's keys), and
+    'time_<phase>' for each phase of EVAL_PHASES plus 'time_total' (seconds on this rank; the printed line says
+    where the time went); coco_stats is the bbox list of 12.
     """
     model.eval()
     criterion.eval()
     metric_logger = MetricLogger(delimiter="  ", show=EVAL_CONSOLE)
     evaluator = CocoEvaluator(base_ds, ("bbox", "segm") if "segm" in postprocessors else ("bbox",),
                               backend=coco_backend)
+    voc_evaluator = VocEvaluator(base_ds) if voc_metric else None
     # PQ against the panoptic ground truth of the loader's dataset (DETR reads it from there too)
     panoptic = PanopticEvaluator.from_dataset(data_loader.dataset) if "panoptic" in postprocessors else None
     timer = PhaseTimer(device)
@@ -190,7 +195,10 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
             results = postprocessors["bbox"](outputs, orig_sizes)
             if "segm" in postprocessors:
                 results = postprocessors["segm"](results, outputs, orig_sizes, sizes, canvas)
-            evaluator.update({t["image_id"].item(): r for t, r in zip(targets, results)})
+            per_image = {t["image_id"].item(): r for t, r in zip(targets, results)}
+            evaluator.update(per_image)
+            if voc_evaluator is not None:
+                voc_evaluator.update(per_image)
             if panoptic is not None:
                 segmentations = postprocessors["panoptic"](outputs, sizes, orig_sizes, canvas)
         if panoptic is not None:
@@ -199,18 +207,23 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
     with timer("gather"):
         metric_logger.synchronize_between_processes()
         evaluator.synchronize_between_processes()
+        if voc_evaluator is not None:
+            voc_evaluator.synchronize_between_processes()
         if panoptic is not None:
             panoptic.synchronize_between_processes()
     print("Averaged stats:", metric_logger.averages())
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     with timer("scoring"):
+        if voc_evaluator is not None:
+            stats.update(voc_evaluator.summarize())
         evaluator.accumulate()
         coco_stats = [float(x) for x in evaluator.summarize()]
-        panoptic_results = panoptic.summarize() if panoptic is not None else {}
-    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+        if "segm" in evaluator.iou_types:
+            stats["coco_eval_masks"] = evaluator.stats_by_type["segm"]
+        if panoptic is not None:
+            results = panoptic.summarize()
+            stats.update({key: results[group] for group, key in STATS_KEYS.items()})
     stats["coco_eval_bbox"] = coco_stats
-    if "segm" in evaluator.iou_types:
-        stats["coco_eval_masks"] = evaluator.stats_by_type["segm"]
-    stats.update({key: panoptic_results[group] for group, key in STATS_KEYS.items() if group in panoptic_results})
     stats.update({f"time_{phase}": timer.seconds[phase] for phase in EVAL_PHASES})
     stats["time_total"] = time.perf_counter() - began
     print(eval_time_line(stats, len(evaluator.img_ids), coco_backend))
@@ -227,10 +240,13 @@ def eval_time_line(stats: Dict, num_images: int, coco_backend: str) -> str:
 
 
 def final_metrics(test_stats: Dict) -> Dict[str, float]:
-    """The named COCO bbox metrics and, for panoptic runs, PQ/SQ/RQ of the last evaluation (empty if none)."""
+    """The named COCO metrics of the last evaluation, its VOC mAPs where measured and PQ/SQ/RQ for panoptic runs
+    (empty if none)."""
     coco = test_stats.get("coco_eval_bbox") if test_stats else None
     metrics = dict(zip(COCO_METRIC_NAMES, coco)) if coco else {}
-    return {**metrics, **panoptic_metrics(test_stats or {})}
+    metrics.update({k: test_stats[k] for k in VOC_MEAN_NAMES if test_stats and k in test_stats})
+    metrics.update(panoptic_metrics(test_stats or {}))
+    return metrics
 
 
 __all__ = ["train_one_epoch", "evaluate", "eval_time_line", "final_metrics", "ResumableSampler", "TrainResult", "NonFiniteLoss"]

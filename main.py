@@ -1,6 +1,7 @@
 """Train and evaluate DETR and its SMCA ablations. Flag names and defaults are DETR's, plus the ablation flags."""
 import argparse
 import datetime
+import functools
 import json
 import os
 import sys
@@ -86,6 +87,11 @@ def _val_sampler(dataset_val):
     return SequentialSampler(dataset_val)
 
 
+def _collate(args):
+    """DETR's collate; with --fixed_size every batch is padded to that canvas (datasets/fixed_size.py)."""
+    return functools.partial(collate_fn, pad_to=args.fixed_size)
+
+
 def _loaders(args, dataset_train, dataset_val):
     world, rank = dist.get_world_size(), dist.get_rank()
     # a seeded DistributedSampler also for one process: the data order depends only on (seed, epoch),
@@ -93,7 +99,7 @@ def _loaders(args, dataset_train, dataset_val):
     sampler_train = engine.ResumableSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True,
                                             seed=args.seed)
     sampler_val = _val_sampler(dataset_val)
-    common = dict(collate_fn=collate_fn, num_workers=args.num_workers, persistent_workers=False)
+    common = dict(collate_fn=_collate(args), num_workers=args.num_workers, persistent_workers=False)
     loader_train = DataLoader(dataset_train, batch_size=args.batch_size, sampler=sampler_train, drop_last=True,
                               **common)
     loader_val = DataLoader(dataset_val, batch_size=args.batch_size, sampler=sampler_val, drop_last=False, **common)
@@ -220,10 +226,10 @@ def main(args, explicit=frozenset()):
     dataset_val = datasets.build_dataset("val", args)
     base_ds = datasets.get_coco_api_from_dataset(dataset_val)
     if args.eval:
-        loader_val = DataLoader(dataset_val, batch_size=args.batch_size, collate_fn=collate_fn,
+        loader_val = DataLoader(dataset_val, batch_size=args.batch_size, collate_fn=_collate(args),
                                 num_workers=args.num_workers, sampler=_val_sampler(dataset_val))
         stats, _ = engine.evaluate(model, criterion, postprocessors, loader_val, base_ds, device, amp=args.amp,
-                                   coco_backend=args.coco_backend)
+                                   coco_backend=args.coco_backend, voc_metric=datasets.uses_voc_metric(dataset_val))
         if args.output_dir and dist.is_main_process():
             with open(Path(args.output_dir) / "eval.json", "w") as f:
                 json.dump(stats, f)
@@ -268,7 +274,9 @@ def train(trainer: Trainer, dataset_train, dataset_val, base_ds, logger, preempt
     redoes an epoch whose logs may be partial, and drops them first)."""
     args, device = trainer.args, trainer.device
     sampler_train, loader_train, loader_val = _loaders(args, dataset_train, dataset_val)
-    diag_batch = next(iter(DataLoader(dataset_val, batch_size=min(2, len(dataset_val)), collate_fn=collate_fn)))[0]
+    diag_batch = next(iter(DataLoader(dataset_val, batch_size=min(2, len(dataset_val)),
+                                      collate_fn=_collate(args))))[0]
+    voc_metric = datasets.uses_voc_metric(dataset_val)
     print("start training")
     start_time = time.time()
     test_stats = {}
@@ -294,7 +302,7 @@ def train(trainer: Trainer, dataset_train, dataset_val, base_ds, logger, preempt
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             test_stats, coco_stats = engine.evaluate(trainer.model, trainer.criterion, trainer.postprocessors,
                                                      loader_val, base_ds, device, amp=args.amp,
-                                                     coco_backend=args.coco_backend)
+                                                     coco_backend=args.coco_backend, voc_metric=voc_metric)
         if args.dynamic_scale != "none":
             logger.log_smca(epoch, trainer.model_without_ddp.smca_diagnostics(diag_batch.to(device)))
         epoch_time = time.time() - epoch_start
@@ -306,6 +314,8 @@ def train(trainer: Trainer, dataset_train, dataset_val, base_ds, logger, preempt
                      "images_seen": trainer.tb_step * args.batch_size * dist.get_world_size()}
         # order: events, checkpoint (holding the log line), log line; a stop anywhere in between resumes
         # consistently (events past the checkpoint are dropped, a missing log line comes from the checkpoint)
+        if coco_stats is not None and voc_metric:
+            logger.log_voc(epoch, test_stats)
         logger.log_epoch(epoch, result.stats, coco_stats, epoch_time)
         if coco_stats is not None:
             logger.log_segmentation(epoch, test_stats)

@@ -18,6 +18,8 @@ from models.segmentation import MASK_HEAD_NARROWING
 from util.errors import UserError
 
 DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
+PRIOR_IMPLS = ("fused", "explicit")  # models/spatial_prior.py
+COCO_PATH_FLAGS = ("train_images", "train_ann", "val_images", "val_ann")
 # defaults that depend on the classification loss: (ce, focal); focal's are the research code's
 LOSS_DEFAULTS = {"ce": {"cls_loss_coef": 1.0, "set_cost_class": 1.0, "panoptic_threshold": PANOPTIC_THRESHOLDS["ce"]},
                  "focal": {"cls_loss_coef": 2.0, "set_cost_class": 2.0,
@@ -33,6 +35,18 @@ def architecture(action: argparse.Action) -> argparse.Action:
 def architecture_flags(parser: argparse.ArgumentParser) -> tuple:
     """The dest names of the flags marked with ``architecture``, in definition order."""
     return tuple(a.dest for a in parser._actions if getattr(a, "architecture", False))
+
+
+def fixed_size(text: str) -> tuple:
+    """--fixed_size value: N (a square canvas) or HxW -> (H, W)."""
+    height, sep, width = text.strip().lower().partition("x")
+    try:
+        size = (int(height), int(width if sep else height))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW (e.g. 1024 or 800x1333), got {text!r}") from None
+    if min(size) <= 0:
+        raise argparse.ArgumentTypeError(f"the canvas must be at least 1x1, got {text!r}")
+    return size
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -80,6 +94,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     arch("--head_mixture", action="store_true", help="prior on the first half of the heads only")
     arch("--query_mixture", action="store_true",
          help="the first half of the queries are plain DETR queries")
+    # not an architecture flag: both routes compute the same logits with the same weights
+    parser.add_argument("--prior_impl", default="fused", choices=PRIOR_IMPLS,
+                        help="fused: the prior as extra q/k dims of the co-attention (no (Q, H*W) tensor); "
+                             "explicit: the prior G as an additive mask (reference)")
 
     # loss
     parser.add_argument("--no_aux_loss", action="store_true", help="loss on the last decoder layer only")
@@ -105,16 +123,37 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="--masks: a query joins the panoptic segmentation when its class score exceeds this; "
                              "default 0.85 on the softmax (ce, DETR), 0.5 on the best sigmoid (focal)")
 
-    # data
-    parser.add_argument("--dataset_file", default=None, choices=datasets.DATASET_FILES,
-                        help="default: coco_panoptic when --coco_panoptic_path is given, coco when --coco_path is "
-                             "(DETR's commands), else the embedded synthetic set (its panoptic version with --masks)")
-    parser.add_argument("--coco_path", type=str, default=None)
+    # data (README "Your own data")
+    parser.add_argument("--dataset_file", default=None, choices=datasets.DATASETS,
+                        help="default: coco_panoptic when --coco_panoptic_path is given, coco when --coco_path or a "
+                             "--train_*/--val_* path is (DETR's commands), voc when --voc_path is, else the embedded "
+                             "synthetic set (its panoptic version with --masks)")
+    parser.add_argument("--coco_path", type=str, default=None,
+                        help="COCO layout: train2017/ val2017/ annotations/instances_{train,val}2017.json")
     parser.add_argument("--coco_panoptic_path", type=str, default=None,
                         help="coco_panoptic: folder with annotations/panoptic_{train,val}2017.json and the PNG folders "
                              "panoptic_{train,val}2017/")
+    for split in ("train", "val"):
+        parser.add_argument(f"--{split}_images", type=str, default=None,
+                            help=f"{split} image folder of a COCO-format set (default: <coco_path>/{split}2017)")
+        parser.add_argument(f"--{split}_ann", type=str, default=None,
+                            help=f"{split} COCO annotation file (default: "
+                                 f"<coco_path>/annotations/instances_{split}2017.json)")
     arch("--num_classes", type=int, default=None,
-         help="largest category id + 1 (default: 91 for COCO, derived for synthetic)")
+         help="largest category id + 1 (default: read from the annotation file and printed; 91 for COCO 2017)")
+    parser.add_argument("--voc_path", type=str, default=None, help="a VOCdevkit folder (holding VOC2007/, VOC2012/)")
+    parser.add_argument("--voc_train", type=str, default="2007-trainval,2012-trainval",
+                        help="YEAR-SET,...: VOC<YEAR>/ImageSets/Main/<SET>.txt lists of training images")
+    parser.add_argument("--voc_val", type=str, default="2007-test", help="YEAR-SET,... of the evaluated images")
+    parser.add_argument("--voc_classes", type=str, default=None,
+                        help="class names, comma-separated or a file with one per line (category ids 1..K in "
+                             "that order); default: the 20 Pascal VOC classes")
+    parser.add_argument("--voc_keep_difficult", action="store_true",
+                        help="train on objects marked difficult too (evaluation always ignores them, as VOC)")
+    parser.add_argument("--mosaic", type=float, default=0.0,
+                        help="probability that a training sample is a 2x2 mosaic of four images (0: off)")
+    parser.add_argument("--fixed_size", type=fixed_size, default=None, metavar="N|HxW",
+                        help="resize (aspect kept) and pad every train and eval image to one HxW canvas")
     parser.add_argument("--synthetic_root", type=str,
                         default=os.path.join(os.path.expanduser("~"), ".cache", "smca_detr", "synthetic"))
     parser.add_argument("--synthetic_train_size", type=int, default=512)
@@ -123,6 +162,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic_seed", type=int, default=None,
                         help="seed that generates the synthetic set (default: --seed); fix it when runs differ "
                              "in --seed, so the seeds vary the training, not the data")
+    parser.add_argument("--synthetic_format", default="coco", choices=("coco", "voc"),
+                        help="layout the synthetic set is written in and read from")
     parser.add_argument("--skip_bad_images", action="store_true",
                         help="skip (and count) unreadable images instead of stopping")
 
@@ -154,10 +195,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     """Parse-time validation of values and combinations; raises UserError with one clear message."""
-    if args.dataset_file is None:
-        args.dataset_file = _default_dataset_file(args)
-    if args.dataset_file == "synthetic" and args.masks:
-        args.dataset_file = "synthetic_panoptic"
+    _check_dataset_flags(args)
     positive = ("batch_size", "epochs", "lr_drop", "enc_layers", "dec_layers", "hidden_dim", "nheads",
                 "num_queries", "dim_feedforward", "log_every", "save_every", "eval_every")
     for name in positive:
@@ -207,6 +245,49 @@ def check_args(args) -> None:
                         "finetune_from starts a new one from another run's weights")
 
 
+def _check_dataset_flags(args) -> None:
+    """Infer --dataset_file where it is left out; refuse dataset flags that the chosen dataset would ignore."""
+    paths = [f"--{name}" for name in COCO_PATH_FLAGS if getattr(args, name)]
+    if args.dataset_file is None:
+        if args.voc_path and (args.coco_path or paths):
+            raise UserError(f"--voc_path and {(['--coco_path'] if args.coco_path else paths)[0]} name two datasets; "
+                            f"pass --dataset_file voc or coco")
+        args.dataset_file = _inferred_dataset_file(args)
+    if args.coco_panoptic_path and args.dataset_file != "coco_panoptic":
+        raise UserError(f"--coco_panoptic_path needs --dataset_file coco_panoptic (got {args.dataset_file})")
+    if paths and args.dataset_file != "coco":
+        raise UserError(f"{paths[0]} names part of a COCO-format set and needs --dataset_file coco "
+                        f"(got {args.dataset_file})")
+    for flag in ("voc_path", "voc_classes"):
+        if getattr(args, flag) and args.dataset_file != "voc":
+            raise UserError(f"--{flag} needs --dataset_file voc (got {args.dataset_file})")
+    voc_layout = args.dataset_file == "voc" or (args.dataset_file == "synthetic" and args.synthetic_format == "voc")
+    if args.voc_keep_difficult and not voc_layout:
+        raise UserError("--voc_keep_difficult needs a VOC-layout set (--dataset_file voc, or synthetic with "
+                        "--synthetic_format voc)")
+    if args.masks and args.synthetic_format != "coco":
+        raise UserError("--masks reads the synthetic panoptic set, written in COCO panoptic's layout only; "
+                        "drop --synthetic_format")
+    if args.synthetic_format != "coco" and args.dataset_file != "synthetic":
+        raise UserError(f"--synthetic_format {args.synthetic_format} needs --dataset_file synthetic "
+                        f"(got {args.dataset_file})")
+    if not 0 <= args.mosaic <= 1:
+        raise UserError(f"--mosaic is a probability in [0, 1], got {args.mosaic}")
+    if args.masks and args.mosaic:
+        raise UserError("--mosaic composes boxes only, not segment masks; drop it with --masks")
+    if args.dataset_file == "synthetic" and args.masks:
+        args.dataset_file = "synthetic_panoptic"  # the synthetic set with segments (datasets/synthetic_panoptic.py)
+
+
+def _inferred_dataset_file(args) -> str:
+    """--dataset_file when left out: from the path flags given, else the embedded synthetic set."""
+    if args.coco_panoptic_path:
+        return "coco_panoptic"
+    if args.voc_path:
+        return "voc"
+    return "coco" if args.coco_path or any(getattr(args, name) for name in COCO_PATH_FLAGS) else "synthetic"
+
+
 def resolve_loss(args) -> None:
     """cls_loss auto -> focal with a spatial prior, ce without; loss-dependent defaults for coefficients."""
     if args.cls_loss == "auto":
@@ -224,17 +305,11 @@ def resolve_args(args) -> None:
         args.num_classes = datasets.num_classes_for(args)
 
 
-def _default_dataset_file(args) -> str:
-    if args.coco_panoptic_path:
-        return "coco_panoptic"
-    return "coco" if args.coco_path else "synthetic"
-
-
 def _automatic_values(args) -> dict:
     """What the 'auto' / None defaults resolve to for these flags (resolve_loss, check_args)."""
     cls_loss = "ce" if args.dynamic_scale == "none" else "focal"
     coefficients = LOSS_DEFAULTS[args.cls_loss if args.cls_loss in LOSS_DEFAULTS else cls_loss]
-    return {"cls_loss": cls_loss, **coefficients, "dataset_file": _default_dataset_file(args)}
+    return {"cls_loss": cls_loss, **coefficients, "dataset_file": _inferred_dataset_file(args)}
 
 
 def format_config(args) -> str:
@@ -255,7 +330,7 @@ def format_config(args) -> str:
 def ablation_summary(args) -> str:
     prior = "off (plain DETR co-attention)" if args.dynamic_scale == "none" else (
         f"{args.dynamic_scale}, smooth {args.smooth:g}, head_mixture {args.head_mixture}, "
-        f"query_mixture {args.query_mixture}")
+        f"query_mixture {args.query_mixture}, {args.prior_impl} route")
     masks = ""
     if args.masks:
         masks = ("; masks: mask head only, detector frozen from " + args.frozen_weights if args.frozen_weights

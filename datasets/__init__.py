@@ -7,12 +7,16 @@ from . import synthetic_panoptic
 from .coco import build_coco, coco_paths, max_category_id
 from .coco_panoptic import (COCO_PANOPTIC_MAX_THING_ID, COCO_PANOPTIC_NUM_CLASSES, build_coco_panoptic,
                             check_panoptic_paths, max_panoptic_category_id)
-from .synthetic import (DEFAULT_IMAGE_SIZE, DEFAULT_ROOT, DEFAULT_TRAIN_SIZE, DEFAULT_VAL_SIZE,
-                        ensure_synthetic)
+from .fixed_size import make_fixed_size_transforms
+from .mosaic import Mosaic
+from .synthetic import (CATEGORIES, DEFAULT_IMAGE_SIZE, DEFAULT_ROOT, DEFAULT_TRAIN_SIZE, DEFAULT_VAL_SIZE,
+                        VOC_YEAR, ensure_synthetic)
 from .transforms import make_coco_transforms, scaled_coco_transform_params
+from .voc import VocDetection, class_list, parse_set_list
 
 COCO_NUM_CLASSES = 91   # DETR's convention: COCO category ids 1..90 used directly as classes
-DATASET_FILES = ("coco", "coco_panoptic", "synthetic", "synthetic_panoptic")
+DATASETS = ("coco", "coco_panoptic", "voc", "synthetic", "synthetic_panoptic")
+# the sets with segment masks, for --masks (the synthetic one is what --dataset_file synthetic --masks reads)
 PANOPTIC_DATASETS = ("coco_panoptic", "synthetic_panoptic")
 
 
@@ -20,44 +24,99 @@ def _or_default(value, default):
     return default if value is None or value == "" else value
 
 
+def _synthetic_format(args) -> str:
+    return getattr(args, "synthetic_format", None) or "coco"
+
+
 def _synthetic_root(args):
     """Generate (first use only) the synthetic set the flags describe (the panoptic one for
     synthetic_panoptic); returns (path, image_size)."""
     image_size = int(_or_default(args.synthetic_image_size, DEFAULT_IMAGE_SIZE))
-    ensure = (synthetic_panoptic.ensure_synthetic_panoptic if args.dataset_file == "synthetic_panoptic"
-              else ensure_synthetic)
-    path = ensure(
+    common = dict(
         root=_or_default(args.synthetic_root, DEFAULT_ROOT),
         seed=int(_or_default(getattr(args, "synthetic_seed", None), args.seed)),
         train_size=int(_or_default(args.synthetic_train_size, DEFAULT_TRAIN_SIZE)),
         val_size=int(_or_default(args.synthetic_val_size, DEFAULT_VAL_SIZE)),
         image_size=image_size,
     )
-    return path, image_size
+    if args.dataset_file == "synthetic_panoptic":
+        return synthetic_panoptic.ensure_synthetic_panoptic(**common), image_size
+    return ensure_synthetic(**common, fmt=_synthetic_format(args)), image_size
 
 
 def _check_supported(args) -> None:
-    if args.dataset_file not in DATASET_FILES:
-        raise UserError(f"--dataset_file {args.dataset_file!r} is unknown; use one of {', '.join(DATASET_FILES)}")
+    if args.dataset_file not in DATASETS:
+        raise UserError(f"--dataset_file {args.dataset_file!r} is unknown; use one of {', '.join(DATASETS)}")
     if getattr(args, "masks", False) and args.dataset_file not in PANOPTIC_DATASETS:
         raise UserError(f"--masks trains DETR's panoptic segmentation head and needs segment masks: use "
                         f"--dataset_file coco_panoptic (with --coco_panoptic_path) or synthetic, not "
                         f"{args.dataset_file}")
 
 
+def _is_voc(args) -> bool:
+    return args.dataset_file == "voc" or (args.dataset_file == "synthetic" and _synthetic_format(args) == "voc")
+
+
+def _voc_classes(args) -> tuple:
+    if args.dataset_file == "synthetic":
+        return tuple(name for _, name, _ in CATEGORIES)
+    return class_list(getattr(args, "voc_classes", None))
+
+
+def _voc_source(args, image_set: str):
+    """(VOCdevkit folder, [(year, set)], the flag naming the sets) of a VOC-layout split."""
+    if args.dataset_file == "synthetic":
+        root, _ = _synthetic_root(args)
+        return root, [(VOC_YEAR, image_set)], "--synthetic_format voc"
+    if not getattr(args, "voc_path", None):
+        raise UserError("--voc_path is required for --dataset_file voc (the VOCdevkit folder holding VOC2007/ ...)")
+    flag = f"--voc_{image_set}"
+    return args.voc_path, parse_set_list(getattr(args, f"voc_{image_set}"), flag), flag
+
+
+def _coco_ann_file(args, image_set: str):
+    if args.dataset_file == "synthetic":
+        root, _ = _synthetic_root(args)
+        return coco_paths(root, image_set)[1]
+    return coco_paths(args.coco_path, image_set, getattr(args, f"{image_set}_images", None),
+                      getattr(args, f"{image_set}_ann", None))[1]
+
+
 def num_classes_for(args) -> int:
-    """--num_classes if given; 91 for COCO, 250 for COCO panoptic (DETR's); max category id + 1 for synthetic."""
+    """--num_classes if given; else DETR's rule, largest category id + 1 (class num_classes is "no object"),
+    read from the data and printed: from the training annotation file (the evaluated one under --eval), or
+    from the class list of a VOC set (ids 1..K). COCO 2017 gives 91, as DETR; COCO panoptic DETR's 250."""
     _check_supported(args)
     if args.num_classes is not None:
         return int(args.num_classes)
-    if args.dataset_file == "coco":
-        return COCO_NUM_CLASSES
     if args.dataset_file == "coco_panoptic":
         return COCO_PANOPTIC_NUM_CLASSES
-    root, _ = _synthetic_root(args)
+    if _is_voc(args):
+        classes = _voc_classes(args)
+        print(f"num_classes {len(classes) + 1}: {len(classes)} VOC-layout classes with category ids "
+              f"1..{len(classes)}, plus 1 (pass --num_classes to set it)")
+        return len(classes) + 1
     if args.dataset_file == "synthetic_panoptic":
-        return max_panoptic_category_id(root / "annotations" / "panoptic_train2017.json") + 1
-    return max_category_id(root / "annotations" / "instances_train2017.json") + 1
+        ann_file = _synthetic_root(args)[0] / "annotations" / "panoptic_train2017.json"
+        largest = max_panoptic_category_id(ann_file)
+    else:
+        ann_file = _coco_ann_file(args, "val" if getattr(args, "eval", False) else "train")
+        largest = max_category_id(ann_file)
+    print(f"num_classes {largest + 1}: largest category id {largest} in {ann_file}, plus 1 "
+          f"(pass --num_classes to set it)")
+    return largest + 1
+
+
+def _transforms(image_set: str, args):
+    """DETR's train/val transforms, scaled down to the image size for the synthetic sets, or their
+    fixed-size variant (datasets/fixed_size.py) with --fixed_size."""
+    params = {}
+    if args.dataset_file in ("synthetic", "synthetic_panoptic"):
+        params = scaled_coco_transform_params(int(_or_default(args.synthetic_image_size, DEFAULT_IMAGE_SIZE)))
+    fixed_size = getattr(args, "fixed_size", None)
+    if fixed_size:
+        return make_fixed_size_transforms(image_set, fixed_size, **params)
+    return make_coco_transforms(image_set, **params)
 
 
 def max_thing_id(args) -> int:
@@ -75,30 +134,49 @@ def check_paths(args, image_sets) -> None:
     _check_supported(args)
     if args.dataset_file == "coco":
         for image_set in image_sets:
-            coco_paths(args.coco_path, image_set)
+            _coco_ann_file(args, image_set)
     elif args.dataset_file == "coco_panoptic":
         check_panoptic_paths(args.coco_path, getattr(args, "coco_panoptic_path", None), image_sets)
 
 
 def build_dataset(image_set: str, args):
-    """'train' or 'val' split of --dataset_file, with DETR's transforms
-    (scaled down to the image size for the synthetic set)."""
+    """'train' or 'val' split of --dataset_file with its transforms; the training split wrapped in Mosaic
+    (datasets/mosaic.py) when --mosaic > 0."""
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
     num_classes = num_classes_for(args)
     skip_bad_images = bool(getattr(args, "skip_bad_images", False))
+    transforms = _transforms(image_set, args)
+    mosaic = float(getattr(args, "mosaic", 0) or 0) if image_set == "train" else 0.0
+    # Mosaic composes untransformed images and runs the transforms itself
+    item_transforms = None if mosaic else transforms
     masks = bool(getattr(args, "masks", False))
-    if args.dataset_file == "coco":
-        return build_coco(image_set, args.coco_path, make_coco_transforms(image_set), num_classes,
-                          skip_bad_images)
-    if args.dataset_file == "coco_panoptic":
-        return build_coco_panoptic(image_set, args.coco_path, args.coco_panoptic_path,
-                                   make_coco_transforms(image_set), num_classes, masks, skip_bad_images)
-    root, image_size = _synthetic_root(args)
-    transforms = make_coco_transforms(image_set, **scaled_coco_transform_params(image_size))
-    if args.dataset_file == "synthetic_panoptic":
-        return build_coco_panoptic(image_set, root, root, transforms, num_classes, masks, skip_bad_images)
-    return build_coco(image_set, root, transforms, num_classes, skip_bad_images)
+    if _is_voc(args):
+        root, sets, flag = _voc_source(args, image_set)
+        keep_difficult = image_set == "train" and bool(getattr(args, "voc_keep_difficult", False))
+        dataset = VocDetection(root, sets, _voc_classes(args), transforms=item_transforms, num_classes=num_classes,
+                               skip_bad_images=skip_bad_images, keep_difficult=keep_difficult, flag=flag)
+    elif args.dataset_file == "coco":
+        dataset = build_coco(image_set, args.coco_path, item_transforms, num_classes, skip_bad_images,
+                             images=getattr(args, f"{image_set}_images", None),
+                             ann_file=getattr(args, f"{image_set}_ann", None))
+    elif args.dataset_file == "coco_panoptic":
+        dataset = build_coco_panoptic(image_set, args.coco_path, args.coco_panoptic_path, item_transforms,
+                                      num_classes, masks, skip_bad_images)
+    elif args.dataset_file == "synthetic_panoptic":
+        root, _ = _synthetic_root(args)
+        dataset = build_coco_panoptic(image_set, root, root, item_transforms, num_classes, masks, skip_bad_images)
+    else:
+        root, _ = _synthetic_root(args)
+        dataset = build_coco(image_set, root, item_transforms, num_classes, skip_bad_images)
+    return Mosaic(dataset, transforms, mosaic) if mosaic else dataset
+
+
+def uses_voc_metric(dataset) -> bool:
+    """Whether evaluation on ``dataset`` also reports the VOC metric (datasets/voc_eval.py)."""
+    while isinstance(dataset, (torch.utils.data.Subset, Mosaic)):
+        dataset = dataset.dataset
+    return isinstance(dataset, VocDetection)
 
 
 def get_coco_api_from_dataset(dataset):

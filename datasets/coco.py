@@ -8,8 +8,10 @@ All annotation checks run once at build time so bad data fails before
 training starts; only image decoding is checked per item.
 """
 import contextlib
+import functools
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,25 +30,41 @@ def _warn(msg: str) -> None:
         print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def coco_paths(root, image_set: str) -> tuple[Path, Path]:
-    """Image folder and annotation file of ``image_set`` under a COCO root;
-    raises UserError naming the first path that is missing."""
-    if root is None or str(root) == "":
-        raise UserError(f"--coco_path is required for --dataset_file coco (expects {COCO_LAYOUT})")
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise UserError(f"--coco_path {root} is not a directory (expects {COCO_LAYOUT})")
-    img_folder = root / f"{image_set}2017"
-    ann_file = root / "annotations" / f"instances_{image_set}2017.json"
+def coco_paths(root, image_set: str, images=None, ann_file=None) -> tuple[Path, Path]:
+    """Image folder and annotation file of ``image_set``: ``images`` / ``ann_file`` (--{image_set}_images,
+    --{image_set}_ann) where given, else the COCO layout under ``root``; raises UserError naming the first
+    path that is missing."""
+    flags = f"--{image_set}_images and --{image_set}_ann"
+    if (images is None or ann_file is None) and (root is None or str(root) == ""):
+        raise UserError(f"--coco_path is required for --dataset_file coco unless {flags} are given "
+                        f"(expects {COCO_LAYOUT})")
+    if images is None or ann_file is None:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise UserError(f"--coco_path {root} is not a directory (expects {COCO_LAYOUT})")
+    img_folder = Path(images).expanduser() if images is not None else root / f"{image_set}2017"
+    ann_file = Path(ann_file).expanduser() if ann_file is not None else (
+        root / "annotations" / f"instances_{image_set}2017.json")
     if not img_folder.is_dir():
-        raise UserError(f"image folder {img_folder} not found (expects {COCO_LAYOUT})")
+        raise UserError(f"image folder {img_folder} not found (expects {COCO_LAYOUT}, or pass {flags})")
     if not ann_file.is_file():
-        raise UserError(f"annotation file {ann_file} not found (expects {COCO_LAYOUT})")
+        raise UserError(f"annotation file {ann_file} not found (expects {COCO_LAYOUT}, or pass {flags})")
     return img_folder, ann_file
 
 
 def load_coco_api(ann_file) -> COCO:
-    """pycocotools COCO without its progress prints; unreadable JSON is a UserError."""
+    """pycocotools COCO without its progress prints; unreadable JSON is a UserError. Parsed once per process
+    and file version (path, size, mtime): deriving --num_classes and building the dataset share one parse of
+    a large file (COCO's training annotations are about 450 MB). Callers treat the object as read-only."""
+    try:
+        stat = os.stat(ann_file)
+    except OSError as e:
+        raise UserError(f"cannot read annotation file {ann_file}: {e}") from e
+    return _parse_coco_api(os.path.abspath(ann_file), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_coco_api(ann_file: str, size: int, mtime_ns: int) -> COCO:
     try:
         with open(ann_file) as f:
             dataset = json.load(f)
@@ -68,12 +86,13 @@ class CocoDetection(torch.utils.data.Dataset):
     without annotations (negatives)."""
 
     def __init__(self, img_folder, ann_file, transforms=None, num_classes: int | None = None,
-                 skip_bad_images: bool = False):
+                 skip_bad_images: bool = False, coco: COCO | None = None):
+        """``coco``: annotations already in memory (a converted VOC set); ``ann_file`` then only names them."""
         self.img_folder = Path(img_folder)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
         self.skip_bad_images = skip_bad_images
-        self.coco = load_coco_api(ann_file)
+        self.coco = coco if coco is not None else load_coco_api(ann_file)
         self.ids = sorted(self.coco.imgs)
         self.num_bad_images_skipped = 0
         # One pass over the raw annotations at build time, so the count covers
@@ -172,8 +191,8 @@ class _BadImage(Exception):
 
 
 def build_coco(image_set: str, coco_path, transforms, num_classes: int,
-               skip_bad_images: bool = False) -> CocoDetection:
-    img_folder, ann_file = coco_paths(coco_path, image_set)
+               skip_bad_images: bool = False, images=None, ann_file=None) -> CocoDetection:
+    img_folder, ann_file = coco_paths(coco_path, image_set, images, ann_file)
     return CocoDetection(img_folder, ann_file, transforms=transforms, num_classes=num_classes,
                          skip_bad_images=skip_bad_images)
 

@@ -5,6 +5,12 @@ never collide): ``train2017/*.jpg``, ``val2017/*.jpg``,
 ``annotations/instances_{train,val}2017.json``. The JSON deliberately has no
 'info' key, so the evaluator's handling of such files is always exercised.
 
+With ``fmt="voc"`` the same images and objects are written in Pascal VOC's layout instead, under
+``<root>/<name>-voc/`` (a VOCdevkit folder): ``VOCshapes/JPEGImages/{train,val}NNNNNN.jpg`` (the same JPEG
+bytes), ``VOCshapes/Annotations/*.xml`` (1-based inclusive corners, nothing difficult or truncated) and
+``VOCshapes/ImageSets/Main/{train,val}.txt``, read by ``datasets.voc`` as the sets ``shapes-train`` and
+``shapes-val`` with the class names of ``CATEGORIES``.
+
 It is built for fast learning on a CPU: four categories, each one shape in
 one distinct colour, 1-3 non-overlapping objects of 20-50% of the image side
 on a plain, mildly noisy grey background. Reading goes through the ordinary
@@ -22,6 +28,7 @@ import shutil
 import socket
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +151,49 @@ def _write_split(out: Path, split: str, num_images: int, seed: int, image_size: 
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
 
 
+VOC_YEAR = "shapes"  # the VOCdevkit folder VOC<year> of the VOC layout
+
+
+def _voc_xml(file_name: str, image_size: int, objects) -> bytes:
+    names = {cid: name for cid, name, _ in CATEGORIES}
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = f"VOC{VOC_YEAR}"
+    ET.SubElement(root, "filename").text = file_name
+    size = ET.SubElement(root, "size")
+    for tag, value in (("width", image_size), ("height", image_size), ("depth", 3)):
+        ET.SubElement(size, tag).text = str(value)
+    for cat_id, (x, y, w, h), _area in objects:
+        obj = ET.SubElement(root, "object")
+        for tag, value in (("name", names[cat_id]), ("pose", "Unspecified"), ("truncated", 0), ("difficult", 0)):
+            ET.SubElement(obj, tag).text = str(value)
+        box = ET.SubElement(obj, "bndbox")
+        # VOC corners are 1-based and inclusive: pixels x .. x + w - 1 are columns x + 1 .. x + w
+        for tag, value in (("xmin", x + 1), ("ymin", y + 1), ("xmax", x + w), ("ymax", y + h)):
+            ET.SubElement(box, tag).text = str(value)
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8") + b"\n"
+
+
+def _write_split_voc(out: Path, split: str, num_images: int, seed: int, image_size: int) -> None:
+    year_dir = out / f"VOC{VOC_YEAR}"
+    for folder in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (year_dir / folder).mkdir(parents=True, exist_ok=True)
+    stems = []
+    for i in range(num_images):
+        rng = np.random.default_rng([seed, _SPLIT_KEYS[split], i])  # as the COCO layout: the same images
+        img, objects = render_image(rng, image_size)
+        stem = f"{split}{i + 1:06d}"  # both splits share JPEGImages/
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+        (year_dir / "JPEGImages" / f"{stem}.jpg").write_bytes(buf.getvalue())
+        (year_dir / "Annotations" / f"{stem}.xml").write_bytes(_voc_xml(f"{stem}.jpg", image_size, objects))
+        stems.append(stem)
+    (year_dir / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{s}\n" for s in stems))
+
+
+_WRITERS = {"coco": _write_split, "voc": _write_split_voc}
+
+
 def _remove_stale_tmp(root: Path, name: str) -> None:
     """Leftovers of interrupted generations; old enough that no live process owns them."""
     for tmp in root.glob(f".{name}.tmp-*"):
@@ -155,15 +205,20 @@ def _remove_stale_tmp(root: Path, name: str) -> None:
 
 
 def ensure_synthetic(root=DEFAULT_ROOT, seed: int = 42, train_size: int = DEFAULT_TRAIN_SIZE,
-                     val_size: int = DEFAULT_VAL_SIZE, image_size: int = DEFAULT_IMAGE_SIZE) -> Path:
-    """Path of the generated dataset, generating it first if it is not there."""
+                     val_size: int = DEFAULT_VAL_SIZE, image_size: int = DEFAULT_IMAGE_SIZE,
+                     fmt: str = "coco") -> Path:
+    """Path of the generated dataset in layout ``fmt`` ('coco' or 'voc'), generating it first if it is not
+    there."""
+    if fmt not in _WRITERS:
+        raise ValueError(f"unknown synthetic format {fmt!r}; expected one of {sorted(_WRITERS)}")
     check_sizes(train_size, val_size, image_size)
 
     def write(tmp: Path) -> None:
-        _write_split(tmp, "train", train_size, seed, image_size)
-        _write_split(tmp, "val", val_size, seed, image_size)
+        _WRITERS[fmt](tmp, "train", train_size, seed, image_size)
+        _WRITERS[fmt](tmp, "val", val_size, seed, image_size)
 
-    return generate_once(root, dataset_name(seed, train_size, val_size, image_size), write)
+    name = dataset_name(seed, train_size, val_size, image_size) + ("-voc" if fmt == "voc" else "")
+    return generate_once(root, name, write)
 
 
 def check_sizes(train_size: int, val_size: int, image_size: int) -> None:

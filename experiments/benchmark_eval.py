@@ -6,8 +6,8 @@
     (python -m experiments.benchmark_eval ... is the same)
 
 What one measurement is, per backend, on the same inputs:
-  post-processing: the model's post-processor (models/postprocess.py; focal: the top 100 (query, class) pairs
-                   per image, ce: one detection per query) on random model outputs, batch by batch, and
+  post-processing: the model's post-processor (models/postprocess.py; focal: the top --queries (query, class)
+                   pairs per image, ce: one detection per query) on random model outputs, batch by batch, and
                    CocoEvaluator.update (tensors -> COCO result dicts);
   scoring:         CocoEvaluator.accumulate + summarize (the backend's evaluate, accumulate, summarize).
 images/s = images / (post-processing + scoring). Converting the ground truth to faster_coco_eval's COCO class
@@ -40,10 +40,10 @@ import numpy as np
 import torch
 
 from datasets.coco_eval import COCO_BACKENDS, CocoEvaluator, ground_truth
-from models.postprocess import PostProcess, PostProcessFocal
+from models.postprocess import build_postprocessors
 from util.errors import UserError
 
-POSTPROCESSORS = {"focal": PostProcessFocal, "ce": PostProcess}
+POSTPROCESSORS = ("focal", "ce")
 
 
 def synthetic_ground_truth(num_images: int, num_classes: int, objects: float, seed: int):
@@ -120,7 +120,9 @@ def run(opts, log=print) -> Dict:
     """Measure every backend of ``opts.backends``; returns the environment, the rows and the stats check."""
     coco = synthetic_ground_truth(opts.images, opts.classes, opts.objects, opts.seed)
     batches = synthetic_outputs(coco, opts.queries, opts.classes, opts.batch_size, opts.seed)
-    postprocessor = POSTPROCESSORS[opts.postprocess]()
+    # the training run's rule: focal keeps num_queries pairs (the original SMCA code), ce one per query (DETR)
+    postprocessor = build_postprocessors(argparse.Namespace(cls_loss=opts.postprocess, num_detections=None,
+                                                            num_queries=opts.queries))["bbox"]
     samples = {b: [] for b in opts.backends}
     setup = {}
     for backend in opts.backends:
@@ -177,7 +179,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queries", type=int, default=100, help="model queries per image")
     parser.add_argument("--classes", type=int, default=80, help="categories (ids 1..N)")
     parser.add_argument("--objects", type=float, default=7.3, help="mean ground-truth objects per image")
-    parser.add_argument("--postprocess", choices=tuple(POSTPROCESSORS), default="focal")
+    parser.add_argument("--postprocess", choices=POSTPROCESSORS, default="focal")
     parser.add_argument("--backends", nargs="+", choices=COCO_BACKENDS, default=list(COCO_BACKENDS))
     parser.add_argument("--batch_size", type=int, default=8, help="images per post-processing call")
     parser.add_argument("--repeats", type=int, default=1, help="passes over the backends (alternating order)")

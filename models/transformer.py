@@ -132,11 +132,12 @@ class SMCADecoder(TransformerDecoder):
     around centres reused from the layer-0 reference; the reference logit is also added to the box centres."""
 
     def __init__(self, layer: nn.Module, num_layers: int, norm: nn.Module, d_model: int, nhead: int,
-                 num_queries: int, dynamic_scale: str, smooth: float, head_mixture: bool, query_mixture: bool):
+                 num_queries: int, dynamic_scale: str, smooth: float, head_mixture: bool, query_mixture: bool,
+                 prior_impl: str = "fused"):
         super().__init__(layer, num_layers, norm)
         self.reference = MLP(d_model, d_model, 2, 3)
         self.priors = build_priors(num_layers, d_model, nhead, num_queries, dynamic_scale, smooth,
-                                   head_mixture, query_mixture)
+                                   head_mixture, query_mixture, prior_impl)
         # queries that use the prior also get the reference added to their box centres
         query_mask = mixture_mask(num_queries, nhead, False, query_mixture)[:, 0]
         self.register_buffer("box_mask", query_mask[:, None], persistent=False)  # (Q, 1)
@@ -155,7 +156,7 @@ class SMCADecoder(TransformerDecoder):
         centre = r_logit.sigmoid() * extent[:, None, :]  # (B, Q, 2) feature cells
         intermediate = []
         for layer, prior in zip(self.layers, self.priors):
-            bias = prior(tgt, query_pos, centre, grid_x, grid_y)  # (B, nhead, Q, HW)
+            bias = prior(tgt, query_pos, centre, grid_x, grid_y)  # G (B, nhead, Q, HW) or its FactoredPrior
             tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, attn_bias=bias)
             intermediate.append(self.norm(tgt))
         box_reference = nn.functional.pad(r_logit, (0, 2)) * self.box_mask  # (B, Q, 4)
@@ -166,7 +167,8 @@ class Transformer(nn.Module):
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
                  normalize_before: bool = False, num_queries: int = 100, dynamic_scale: str = "none",
-                 smooth: float = 8.0, head_mixture: bool = False, query_mixture: bool = False):
+                 smooth: float = 8.0, head_mixture: bool = False, query_mixture: bool = False,
+                 prior_impl: str = "fused"):
         super().__init__()
         encoder_layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
         self.encoder = TransformerEncoder(encoder_layer, num_encoder_layers,
@@ -176,7 +178,8 @@ class Transformer(nn.Module):
             self.decoder = TransformerDecoder(decoder_layer, num_decoder_layers, nn.LayerNorm(d_model))
         else:
             self.decoder = SMCADecoder(decoder_layer, num_decoder_layers, nn.LayerNorm(d_model), d_model, nhead,
-                                       num_queries, dynamic_scale, smooth, head_mixture, query_mixture)
+                                       num_queries, dynamic_scale, smooth, head_mixture, query_mixture,
+                                       prior_impl)
         self.d_model = d_model
         self.nhead = nhead
         self._reset_parameters()
@@ -215,4 +218,4 @@ def build_transformer(args) -> Transformer:
                        num_decoder_layers=args.dec_layers, dim_feedforward=args.dim_feedforward,
                        dropout=args.dropout, normalize_before=args.pre_norm, num_queries=args.num_queries,
                        dynamic_scale=args.dynamic_scale, smooth=args.smooth, head_mixture=args.head_mixture,
-                       query_mixture=args.query_mixture)
+                       query_mixture=args.query_mixture, prior_impl=args.prior_impl)

@@ -1,4 +1,5 @@
-"""experiments/benchmark.py: a real tiny run (none vs type2), the round-robin aggregation, and bad input."""
+"""experiments/benchmark*.py: real tiny runs of both modes (model: DETR vs type2 on both routes; coattn: one
+co-attention with and without the prior), the round-robin aggregation, the dispatch, and bad input."""
 import csv
 import json
 import statistics
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from experiments import benchmark
+from experiments import benchmark, benchmark_coattn, benchmark_common, benchmark_model
 from util.errors import UserError
 
 TINY_MODEL = ["--backbone", "resnet18", "--hidden_dim", "32", "--nheads", "4", "--enc_layers", "1",
@@ -24,16 +25,16 @@ def _table_rows(text):
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if not line.startswith("|---")]
 
 
-def test_tiny_run_none_vs_type2(tmp_path, capsys):
+def test_tiny_run_none_vs_type2_on_both_routes(tmp_path, capsys):
     json_path, csv_path = tmp_path / "bench.json", tmp_path / "bench.csv"
     rc = benchmark.cli(["--variants", "none", "type2", "--queries", str(QUERIES), "--sizes", str(SIZE),
-                        "--batch_size", str(BATCH), "--iters", str(ITERS), "--warmup", "1", "--device", "cpu",
+                        "--batch_size", str(BATCH), "--iters", str(ITERS), "--warmup", "0", "--device", "cpu",
                         "--json", str(json_path), "--csv", str(csv_path), "--"] + TINY_MODEL)
     out = capsys.readouterr().out
     assert rc == 0
 
-    rows = {row["variant"]: row for row in json.loads(json_path.read_text())["rows"]}
-    assert list(rows) == ["none", "type2"]
+    rows = {(row["variant"], row["route"]): row for row in json.loads(json_path.read_text())["rows"]}
+    assert list(rows) == [("none", "-"), ("type2", "fused"), ("type2", "explicit")]
     for row in rows.values():
         assert (row["queries"], row["height"], row["width"], row["batch_size"]) == (QUERIES, SIZE, 107, BATCH)
         for kind in ("train", "infer"):
@@ -42,7 +43,7 @@ def test_tiny_run_none_vs_type2(tmp_path, capsys):
             assert row[f"{kind}_s"] == statistics.median(times)
             assert row[f"{kind}_img_s"] == BATCH / row[f"{kind}_s"]
             assert row[f"{kind}_mem_mib"] > 0
-    base, smca = rows["none"], rows["type2"]
+    base, smca = rows["none", "-"], rows["type2", "fused"]
     for kind in ("train", "infer"):
         for row in rows.values():
             assert len(row[f"{kind}_cpu_times"]) == ITERS and all(t > 0 for t in row[f"{kind}_cpu_times"])
@@ -53,82 +54,150 @@ def test_tiny_run_none_vs_type2(tmp_path, capsys):
     assert smca["infer_mem_ratio"] == pytest.approx(smca["infer_mem_mib"] / base["infer_mem_mib"])
 
     header, *table = _table_rows(out)
-    assert header == benchmark.table_columns("cpu")
+    assert header == benchmark_model.table_columns("cpu")
     assert {"train time /none", "train cpu /none", "infer mem /none"} <= set(header)
-    assert [cells[:3] for cells in table] == [["none", "10", "64x107"], ["type2", "10", "64x107"]]
+    assert [cells[:4] for cells in table] == [["none", "-", "10", "64x107"], ["type2", "fused", "10", "64x107"],
+                                              ["type2", "explicit", "10", "64x107"]]
     ratio_columns = [i for i, name in enumerate(header) if name.endswith("/none")]
     assert len(ratio_columns) == 6 and all(table[0][i] == "1.000" for i in ratio_columns)
     assert table[1][header.index("train ms")] == f"{smca['train_s'] * 1000:.1f}"
+    for route in ("fused", "explicit"):  # the targets' numbers, one line per route
+        row = rows["type2", route]
+        assert (f"{route} route, {QUERIES} queries, 64x107: largest train time /none {row['train_time_ratio']:.3f} "
+                f"(type2), largest train mem /none {row['train_mem_ratio']:.3f} (type2)") in out
 
     with open(csv_path) as f:
         csv_rows = list(csv.DictReader(f))
-    assert [r["variant"] for r in csv_rows] == ["none", "type2"]
+    assert [(r["variant"], r["route"]) for r in csv_rows] == list(rows)
     assert float(csv_rows[1]["train_img_s"]) == smca["train_img_s"]
 
 
 def test_round_robin_order_and_medians_over_repeats(monkeypatch):
-    """Each repeat starts one variant later; medians and ratios are over all repeats' samples."""
+    """Each repeat starts one cell later; medians and ratios are over all repeats' samples; the routes are
+    separate cells that share DETR's baseline."""
     calls = []
 
-    def fake_measure(kind, args, batch, device, warmup, iters, meter):
-        calls.append((kind, args.dynamic_scale, args.head_mixture))
+    def fake_time(kind, args, batch, device, warmup, iters):
+        calls.append((kind, args.dynamic_scale, args.prior_impl))
         n = len(calls)
         # times depend on the call index so a median over the wrong samples shows up
-        return benchmark.Measurement(times=[0.1 * n, 0.1 * n + 0.05][:iters], cpu_times=[0.01 * n] * iters,
-                                     peak_bytes=n * benchmark.MIB)
+        return benchmark_common.Timing(times=[0.1 * n, 0.1 * n + 0.05][:iters], cpu_times=[0.01 * n] * iters)
 
-    monkeypatch.setattr(benchmark, "measure", fake_measure)
-    config = benchmark.Config(variants=["none", "type2", "type2+head_mixture"], queries=[5], sizes=[(32, 32)],
-                              iters=2, repeats=3, model_flags=TINY_MODEL)
-    rows = {row.variant: row for row in benchmark.run(config, log=lambda line: None)}
+    memory_calls = []
 
-    order = [(scale, head) for kind, scale, head in calls if kind == "train"]
-    none, t2, t2h = ("none", False), ("type2", False), ("type2", True)
-    assert order == [none, t2, t2h, t2, t2h, none, t2h, none, t2]
-    # reference: every call n gives train times (0.1 n, 0.1 n + 0.05) and memory n MiB; train is call 2k+1
-    train_calls = {"none": (1, 11, 15), "type2": (3, 7, 17), "type2+head_mixture": (5, 9, 13)}
-    for name, ns in train_calls.items():
+    def fake_memory(kind, args, batch, device, meter):
+        memory_calls.append((kind, args.dynamic_scale, args.prior_impl))
+        return (10 + len(memory_calls)) * benchmark_common.MIB
+
+    monkeypatch.setattr(benchmark_model, "time_step", fake_time)
+    monkeypatch.setattr(benchmark_model, "memory_step", fake_memory)
+    config = benchmark_model.Config(variants=["none", "type2"], queries=[5], sizes=[(32, 32)], iters=2, repeats=3,
+                                    model_flags=TINY_MODEL)
+    rows = {(row.variant, row.route): row for row in benchmark_model.run(config, log=lambda line: None)}
+
+    order = [(scale, route) for kind, scale, route in calls if kind == "train"]
+    none, fused, explicit = ("none", "fused"), ("type2", "fused"), ("type2", "explicit")  # DETR: the default route
+    assert order == [none, fused, explicit, fused, explicit, none, explicit, none, fused]
+    # memory: once per cell after all timings, in the cells' order; call m gives 10 + m MiB
+    assert memory_calls == [(kind, *cell) for cell in (none, fused, explicit) for kind in ("train", "infer")]
+    # reference: every call n gives train times (0.1 n, 0.1 n + 0.05); train is call 2k+1
+    train_calls = {("none", "-"): (1, 11, 15), ("type2", "fused"): (3, 7, 17), ("type2", "explicit"): (5, 9, 13)}
+    for index, (cell, ns) in enumerate(train_calls.items()):
         expected = statistics.median([t for n in ns for t in (0.1 * n, 0.1 * n + 0.05)])
-        assert rows[name].train_s == expected
-        assert rows[name].train_mem_mib == statistics.median(ns)
-        assert rows[name].infer_mem_mib == statistics.median([n + 1 for n in ns])
-        assert rows[name].train_time_ratio == pytest.approx(expected / rows["none"].train_s)
-        assert rows[name].train_cpu_s == statistics.median([0.01 * n for n in ns])
+        assert rows[cell].train_s == expected
+        assert (rows[cell].train_mem_mib, rows[cell].infer_mem_mib) == (11 + 2 * index, 12 + 2 * index)
+        assert rows[cell].train_time_ratio == pytest.approx(expected / rows["none", "-"].train_s)
+        assert rows[cell].train_mem_ratio == pytest.approx((11 + 2 * index) / 11)
+        assert rows[cell].train_cpu_s == statistics.median([0.01 * n for n in ns])
 
 
 def test_without_baseline_ratios_are_blank(monkeypatch):
-    monkeypatch.setattr(benchmark, "measure",
-                        lambda *a: benchmark.Measurement(times=[0.5], cpu_times=[0.4], peak_bytes=benchmark.MIB))
-    config = benchmark.Config(variants=["type1"], queries=[5], sizes=[(32, 32)], iters=1, model_flags=TINY_MODEL)
-    rows = benchmark.run(config, log=lambda line: None)
+    monkeypatch.setattr(benchmark_model, "time_step", lambda *a: benchmark_common.Timing(times=[0.5], cpu_times=[0.4]))
+    monkeypatch.setattr(benchmark_model, "memory_step", lambda *a: benchmark_common.MIB)
+    config = benchmark_model.Config(variants=["type1"], routes=["fused"], queries=[5], sizes=[(32, 32)], iters=1,
+                                    model_flags=TINY_MODEL)
+    rows = benchmark_model.run(config, log=lambda line: None)
     assert rows[0].train_time_ratio is None
-    env = benchmark.environment(config, "test")
-    header, row = _table_rows(benchmark.markdown(rows, env))
+    env = benchmark_common.environment("cpu", "test", batch_size=2, warmup=1, iters=1, repeats=1, amp=False,
+                                       model_flags=[])
+    text = benchmark_model.markdown(rows, env)
+    header, row = _table_rows(text)
     assert row[header.index("train time /none")] == "-" and row[header.index("train cpu /none")] == "-"
-    assert not any("cpu" in name for name in benchmark.table_columns("cuda"))
+    assert "largest train time" not in text
+    assert not any("cpu" in name for name in benchmark_model.table_columns("cuda"))
     assert row[header.index("train img/s")] == f"{config.batch_size / 0.5:.3f}"
+
+
+def test_coattn_mode_prior_share_and_saved_memory(tmp_path, capsys):
+    """A real tiny co-attention run. What autograd keeps for the backward is exact: the fused route adds less
+    than one (B, nhead, Q, HW) float32 tensor to DETR's (its extra q/k dims and the prior's small tensors). The
+    explicit route's G and its gradient are transient (peak memory, too noisy on CPU at this size to assert)."""
+    batch, heads, queries, size, stride = 2, 2, 100, "512x640", 32
+    json_path = tmp_path / "coattn.json"
+    rc = benchmark.cli(["coattn", "--variants", "none", "type4", "type2+both", "--queries", str(queries),
+                        "--sizes", size, "--stride", str(stride), "--batch_size", str(batch), "--hidden_dim", "64",
+                        "--nheads", str(heads), "--iters", "2", "--warmup", "0", "--device", "cpu",
+                        "--json", str(json_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = {(r["variant"], r["route"]): r for r in json.loads(json_path.read_text())["rows"]}
+    assert list(rows) == [("none", "-"), ("type4", "fused"), ("type4", "explicit"), ("type2+both", "fused"),
+                          ("type2+both", "explicit")]
+    grid = (16, 20)
+    one_logit_tensor = batch * heads * queries * grid[0] * grid[1] * 4 / benchmark_common.MIB
+    base = rows["none", "-"]
+    assert base["prior"] == "-" and base["time_ratio"] == base["saved_ratio"] == 1.0
+    for (variant, route), row in rows.items():
+        assert (row["grid_h"], row["grid_w"]) == grid and len(row["times"]) == 2 and row["ms"] > 0
+        assert row["saved_ratio"] == pytest.approx(row["saved_mib"] / base["saved_mib"])
+        if route == "explicit":
+            assert row["prior"] == "G" and row["saved_mib"] > base["saved_mib"]
+        elif route == "fused":
+            assert row["prior"] == "factors" and 0 < row["saved_mib"] - base["saved_mib"] < one_logit_tensor
+    header, *table = _table_rows(out)
+    assert header == benchmark_coattn.COLUMNS
+    assert table[1][:8] == ["type4", "fused", "factors", "math", str(queries), size, "16x20", str(queries * 320)]
+    assert {row["kernel"] for row in rows.values()} == {"math"}  # CPU with dropout: SDPA's math kernel
+
+
+def test_coattn_mode_reports_type4_taking_g_past_its_grid_limit(capsys):
+    rc = benchmark.cli(["coattn", "--variants", "type4", "--routes", "fused", "--queries", "4", "--sizes", "42x42",
+                        "43x42", "--stride", "1", "--batch_size", "1", "--hidden_dim", "8", "--nheads", "2",
+                        "--iters", "1", "--warmup", "0", "--device", "cpu", "--dropout", "0"])
+    assert rc == 0
+    _, *table = _table_rows(capsys.readouterr().out)
+    assert [(row[2], row[6]) for row in table] == [("factors", "42x42"), ("G", "43x42")]
+    # without dropout: CPU flash for the factors (v padded to the q/k head dim); a mask that needs a gradient
+    # (G in training) sends SDPA to its math kernel
+    assert [row[3] for row in table] == ["flash_attention", "math"]
+
+
+def test_help_lists_the_modes(capsys):
+    assert benchmark.cli(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {mode} " in out for mode in benchmark.MODES)
 
 
 @pytest.mark.parametrize("spec, shape", [("800", (800, 1333)), ("512", (512, 853)), ("1333", (1333, 1333)),
                                          ("600x900", (600, 900))])
 def test_image_shape(spec, shape):
-    assert benchmark.image_shape(spec) == shape
+    assert benchmark_common.image_shape(spec) == shape
 
 
 @pytest.mark.parametrize("spec", ["abc", "800x", "0", "10x-5"])
 def test_image_shape_rejects(spec):
     with pytest.raises(UserError, match="--sizes"):
-        benchmark.image_shape(spec)
+        benchmark_common.image_shape(spec)
 
 
 def test_synthetic_batch_is_fixed_and_valid():
-    samples, targets = benchmark.synthetic_batch(3, 40, 60, num_classes=7)
-    again, targets_again = benchmark.synthetic_batch(3, 40, 60, num_classes=7)
+    samples, targets = benchmark_model.synthetic_batch(3, 40, 60, num_classes=7)
+    again, targets_again = benchmark_model.synthetic_batch(3, 40, 60, num_classes=7)
     assert samples.tensors.shape == (3, 3, 40, 60) and not samples.mask.any()
     assert torch.equal(samples.tensors, again.tensors)
     for t, u in zip(targets, targets_again):
         assert torch.equal(t["boxes"], u["boxes"]) and torch.equal(t["labels"], u["labels"])
-        lo, hi = benchmark.BOXES_PER_IMAGE
+        lo, hi = benchmark_model.BOXES_PER_IMAGE
         assert lo <= len(t["boxes"]) <= hi
         xyxy = torch.cat([t["boxes"][:, :2] - t["boxes"][:, 2:] / 2, t["boxes"][:, :2] + t["boxes"][:, 2:] / 2], 1)
         assert (xyxy >= 0).all() and (xyxy <= 1).all()
@@ -142,6 +211,13 @@ def test_synthetic_batch_is_fixed_and_valid():
     (["--sizes", "big"], "--sizes 'big'"),
     (["--variants", "none", "--", "--num_queries", "5"], "--num_queries is set by the benchmark"),
     (["--variants", "none", "--", "--dynamic_scale=type1"], "--dynamic_scale=type1 is set by the benchmark"),
+    (["--variants", "type1", "--", "--prior_impl", "explicit"], "--prior_impl is set by the benchmark"),
+    (["--variants", "type1", "--routes", "fast"], "--routes: choose one or both of fused explicit"),
+    (["model", "--variants", "none", "none"], "given twice"),
+    (["coattn", "--variants", "type9"], "--variants: unknown type9"),
+    (["coattn", "--routes", "fused", "fused"], "given twice"),
+    (["coattn", "--hidden_dim", "30", "--nheads", "8"], "--hidden_dim 30 must be divisible by --nheads 8"),
+    (["coattn", "--sizes", "0"], "--sizes '0'"),
     (["--variants", "none", "--", "--no_such_flag", "1"], "unknown --no_such_flag 1"),
     (["--variants", "none", "--", "--hidden_dim", "x"], "--hidden_dim: invalid int value"),
     (["--variants", "none", "--device", "cpu", "--amp"], "--amp uses bf16 autocast on CUDA"),
@@ -160,19 +236,44 @@ def test_invalid_variant_exits_2_from_the_command_line():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: --variants: unknown bogus; choose from "
-                                   + " ".join(benchmark.VARIANTS))
+                                   + " ".join(benchmark_common.VARIANTS))
 
 
-@pytest.mark.parametrize("meter_class", [benchmark.CpuKernelPeakRss, benchmark.CpuSampledRss])
+@pytest.mark.parametrize("meter_class", [benchmark_common.CpuKernelPeakRss, benchmark_common.CpuSampledRss])
 def test_cpu_memory_meters_see_a_freed_peak(meter_class):
     """A 256 MiB buffer touched and freed during the timed window shows up in the peak, not in the baseline."""
-    if meter_class is benchmark.CpuKernelPeakRss and not benchmark._can_reset_peak_rss():
+    if meter_class is benchmark_common.CpuKernelPeakRss and not benchmark_common.can_reset_peak_rss():
         pytest.skip("/proc/self/clear_refs is not writable here")
     meter = meter_class()
     meter.start()
     meter.reset_peak()
-    buffer = torch.ones(256 * benchmark.MIB // 4)  # float32: 256 MiB, every page written
-    time.sleep(20 * benchmark.RSS_SAMPLE_SECONDS)  # the sampling thread gets several looks at it
+    buffer = torch.ones(256 * benchmark_common.MIB // 4)  # float32: 256 MiB, every page written
+    time.sleep(20 * benchmark_common.RSS_SAMPLE_SECONDS)  # the sampling thread gets several looks at it
     del buffer
-    peak_mib = meter.peak() / benchmark.MIB
+    peak_mib = meter.peak() / benchmark_common.MIB
     assert 250 <= peak_mib < 1024
+
+
+@pytest.mark.parametrize("meter_class", [benchmark_common.CpuKernelPeakRss, benchmark_common.CpuSampledRss])
+def test_cpu_peak_follows_live_tensors_not_freed_ones(meter_class):
+    """The memory pass's setting (return_freed_memory, malloc_trim before the measured call): 192 MiB freed
+    before the measured call do not count; the call's own 64 MiB do, in 2 MiB tensors, which glibc would
+    otherwise keep in its heap once its dynamic mmap threshold has grown."""
+    if meter_class is benchmark_common.CpuKernelPeakRss and not benchmark_common.can_reset_peak_rss():
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    if not benchmark_common.return_freed_memory():
+        pytest.skip("no glibc mallopt here")
+    chunk = 2 * benchmark_common.MIB // 4  # float32 elements of 2 MiB
+
+    def step(count):
+        tensors = [torch.ones(chunk) for _ in range(count)]  # every page written
+        time.sleep(20 * benchmark_common.RSS_SAMPLE_SECONDS)  # the sampling thread gets several looks
+        del tensors
+
+    meter = meter_class()
+    meter.start()
+    step(96)  # a first call, larger than the measured one
+    meter.reset_peak()
+    step(32)
+    peak_mib = meter.peak() / benchmark_common.MIB
+    assert 60 <= peak_mib < 90

@@ -469,7 +469,8 @@ def test_category_id_beyond_num_classes(coco_root):
 def test_masks_rejected_and_num_classes_defaults(tmp_path):
     with pytest.raises(UserError, match="--masks"):
         build_dataset("train", _args(masks=True, synthetic_root=str(tmp_path)))
-    assert num_classes_for(_args(dataset_file="coco")) == 91
+    with pytest.raises(UserError, match="--coco_path"):   # COCO's count is read from its annotation file
+        num_classes_for(_args(dataset_file="coco"))
     assert num_classes_for(_args(num_classes=7)) == 7
     # The synthetic count comes from the data, generated on demand in the given root only.
     assert num_classes_for(_args(synthetic_root=str(tmp_path))) == 5

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import build_model
-from models.attention import ModulatedCrossAttention
+from models.attention import FactoredPrior, ModulatedCrossAttention
 from models.backbone import Backbone, image_extent
 from models.spatial_prior import SCALES, SpatialPrior, mixture_mask
 from util.misc import NestedTensor
@@ -112,10 +112,11 @@ def prior_inputs(seed=0):
     return tgt, query_pos, centre, torch.arange(W, dtype=torch.float32), torch.arange(H, dtype=torch.float32)
 
 
-def make_prior(scale_type, smooth=SMOOTH, head_mixture=False, query_mixture=False, seed=0):
+def make_prior(scale_type, smooth=SMOOTH, head_mixture=False, query_mixture=False, seed=0, impl="explicit"):
+    """A prior whose forward returns G itself (impl 'explicit'); tests/test_fused_prior.py checks the factors."""
     torch.manual_seed(seed)
     prior = SpatialPrior(D_MODEL, M, SCALES[scale_type](D_MODEL, M), smooth,
-                         mixture_mask(Q, M, head_mixture, query_mixture))
+                         mixture_mask(Q, M, head_mixture, query_mixture), impl)
     with torch.no_grad():  # a non-trivial LayerNorm, as after training
         prior.norm.weight.uniform_(0.5, 1.5)
         prior.norm.bias.normal_(0, 0.1)
@@ -302,11 +303,15 @@ def test_mixture_mask_pattern(head, query):
 
 
 def capture_co_attention(model, batch):
-    """Inputs of every decoder layer's co-attention: dicts with query, key, value, key_padding_mask, attn_bias."""
+    """Inputs of every decoder layer's co-attention: dicts with query, key, value, key_padding_mask, attn_bias
+    (G itself: the fused route's factors multiplied out)."""
     calls = []
 
     def hook(module, args, kwargs):
-        calls.append({**dict(zip(("query", "key", "value"), args)), **kwargs, "module": module})
+        call = {**dict(zip(("query", "key", "value"), args)), **kwargs, "module": module}
+        if isinstance(call["attn_bias"], FactoredPrior):
+            call["attn_bias"] = call["attn_bias"].dense()
+        calls.append(call)
 
     handles = [layer.multihead_attn.register_forward_pre_hook(hook, with_kwargs=True)
                for layer in model.transformer.decoder.layers]

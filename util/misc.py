@@ -4,7 +4,7 @@ import datetime
 import random
 import time
 from collections import defaultdict, deque
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,11 +31,16 @@ class NestedTensor:
         return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={tuple(self.mask.shape)})"
 
 
-def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
-    """Zero-pad images (C, H, W) at the bottom/right to the largest H and W of the list."""
+def nested_tensor_from_tensor_list(tensor_list: List[Tensor], pad_to: Optional[Tuple[int, int]] = None) -> NestedTensor:
+    """Zero-pad images (C, H, W) at the bottom/right to the largest H and W of the list, or to ``pad_to``
+    (H, W) when given (--fixed_size: every batch the same size)."""
     channels = tensor_list[0].shape[0]
     height = max(t.shape[1] for t in tensor_list)
     width = max(t.shape[2] for t in tensor_list)
+    if pad_to is not None:
+        if height > pad_to[0] or width > pad_to[1]:
+            raise ValueError(f"an image of {height}x{width} does not fit the {pad_to[0]}x{pad_to[1]} canvas")
+        height, width = pad_to
     first = tensor_list[0]
     tensors = first.new_zeros((len(tensor_list), channels, height, width))
     mask = torch.ones((len(tensor_list), height, width), dtype=torch.bool, device=first.device)
@@ -45,9 +50,10 @@ def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
     return NestedTensor(tensors, mask)
 
 
-def collate_fn(batch):
+def collate_fn(batch, pad_to: Optional[Tuple[int, int]] = None):
+    """Images padded into one NestedTensor (to ``pad_to`` (H, W) when given), targets as a tuple."""
     images, targets = zip(*batch)
-    return nested_tensor_from_tensor_list(list(images)), targets
+    return nested_tensor_from_tensor_list(list(images), pad_to), targets
 
 
 def seed_everything(seed: int) -> None:

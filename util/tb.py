@@ -11,6 +11,8 @@ sub-folders). Tags and the step each is written at:
   segm/<AP|AP50|...|ARl>     step = epochs done; the 12 COCOeval mask stats (--masks runs)
   panoptic/<PQ|SQ|...|RQ_st> step = epochs done; PQ, SQ, RQ of all, thing (_th) and stuff (_st) classes
                              (PANOPTIC_METRIC_NAMES, fractions; panoptic --masks runs)
+  voc/mAP50_<11point|area>   step = epochs done; the VOC metric's means, for VOC-layout sets (datasets/voc_eval.py)
+  voc_AP50_<11point|area>/<class>  step = epochs done; its per-class APs (-1: no ground truth)
   smca/<key>                 step = epochs done; histogram of an SMCA diagnostic, e.g. smca/layer0/scale
   smca/<key>_mean            step = epochs done; its mean (for '.../offset_norm' keys only the mean,
                              under smca/<key>)
@@ -206,6 +208,16 @@ class RunLogger:
         for name, value in panoptic_metrics(eval_stats).items():
             self.writer.add_scalar(f"panoptic/{name}", value, step)
         self.writer.flush()
+
+    def log_voc(self, epoch: int, stats: dict) -> None:
+        """The VOC metric of an evaluation (engine.evaluate's 'voc_*' stats) at step epoch + 1."""
+        if self.writer is None:
+            return
+        step = epoch + 1
+        for definition in ("11point", "area"):
+            self.writer.add_scalar(f"voc/mAP50_{definition}", float(stats[f"voc_mAP50_{definition}"]), step)
+            for name, aps in stats["voc_AP50_per_class"].items():
+                self.writer.add_scalar(f"voc_AP50_{definition}/{name}", float(aps[definition]), step)
 
     def log_smca(self, epoch: int, diagnostics: dict[str, torch.Tensor]) -> None:
         """SMCA diagnostics at step epoch + 1: 'layer{i}/scale' -> histogram smca/layer{i}/scale and
