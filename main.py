@@ -205,7 +205,8 @@ def main(args, explicit=frozenset()):
 
     seed_everything(args.seed + dist.get_rank())
     weights = "none" if (checkpoint is not None or frozen is not None or args.finetune_from) else args.backbone_weights
-    model, criterion, postprocessors = build_model(args, backbone_weights=weights)
+    model, criterion, postprocessors = build_model(
+        args, backbone_weights=weights, stuff_ids=datasets.stuff_ids(args) if args.masks else None)
     model.to(device)
     model_without_ddp = model
     if frozen is not None:

@@ -5,8 +5,8 @@ from util.errors import UserError
 
 from . import synthetic_panoptic
 from .coco import build_coco, coco_paths, max_category_id
-from .coco_panoptic import (COCO_PANOPTIC_MAX_THING_ID, COCO_PANOPTIC_NUM_CLASSES, build_coco_panoptic,
-                            check_panoptic_paths, max_panoptic_category_id)
+from .coco_panoptic import (COCO_PANOPTIC_NUM_CLASSES, build_coco_panoptic, check_panoptic_paths,
+                            max_panoptic_category_id, panoptic_paths, stuff_category_ids)
 from .fixed_size import make_fixed_size_transforms
 from .mosaic import Mosaic
 from .synthetic import (CATEGORIES, DEFAULT_IMAGE_SIZE, DEFAULT_ROOT, DEFAULT_TRAIN_SIZE, DEFAULT_VAL_SIZE,
@@ -119,13 +119,13 @@ def _transforms(image_set: str, args):
     return make_coco_transforms(image_set, **params)
 
 
-def max_thing_id(args) -> int:
-    """Category ids up to this are things, the others stuff (the panoptic post-processor merges stuff)."""
+def stuff_ids(args) -> frozenset:
+    """The stuff category ids of the panoptic set's ground truth (the panoptic post-processor merges stuff)."""
     if args.dataset_file == "coco_panoptic":
-        return COCO_PANOPTIC_MAX_THING_ID
+        return stuff_category_ids(panoptic_paths(args.coco_panoptic_path, "val")[1])
     if args.dataset_file == "synthetic_panoptic":
-        return synthetic_panoptic.MAX_THING_ID
-    raise ValueError(f"--dataset_file {args.dataset_file} has no stuff classes")
+        return stuff_category_ids(_synthetic_root(args)[0] / "annotations" / "panoptic_val2017.json")
+    raise ValueError(f"--dataset_file {args.dataset_file} has no panoptic ground truth")
 
 
 def check_paths(args, image_sets) -> None:

@@ -11,8 +11,10 @@ Box and mask AP are scored against the instances file (``annotations/instances_v
 (datasets/panoptic_eval.py).
 """
 import contextlib
+import functools
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +31,6 @@ PANOPTIC_LAYOUT = ("--coco_panoptic_path with annotations/panoptic_{train,val}20
                    "panoptic_{train,val}2017/")
 # DETR's class count for COCO panoptic: "large enough to hold max_obj_id + 1" (category ids reach 200)
 COCO_PANOPTIC_NUM_CLASSES = 250
-# COCO panoptic's thing categories are ids 1-90 (the detection ids), stuff 92-200 (DETR's is_thing_map)
-COCO_PANOPTIC_MAX_THING_ID = 90
 
 
 def rgb2id(rgb: np.ndarray) -> np.ndarray:
@@ -56,7 +56,18 @@ def read_segment_png(path: Path) -> np.ndarray:
 
 
 def load_panoptic_json(ann_file) -> dict:
-    """A COCO panoptic JSON; unreadable or malformed is a UserError naming the file."""
+    """A COCO panoptic JSON; unreadable or malformed is a UserError naming the file. Parsed once per process and
+    file version (as coco.load_coco_api): the post-processor's stuff classes and the dataset share the parse.
+    Callers treat the dict as read-only."""
+    try:
+        stat = os.stat(ann_file)
+    except OSError as e:
+        raise UserError(f"cannot read panoptic annotation file {ann_file}: {e}") from e
+    return _parse_panoptic_json(os.path.abspath(ann_file), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_panoptic_json(ann_file: str, size: int, mtime_ns: int) -> dict:
     try:
         with open(ann_file) as f:
             data = json.load(f)
@@ -76,6 +87,12 @@ def max_panoptic_category_id(ann_file) -> int:
     if not ids:
         raise UserError(f"{ann_file} lists no categories; pass --num_classes")
     return max(ids)
+
+
+def stuff_category_ids(ann_file) -> frozenset:
+    """The ids of a panoptic JSON's stuff categories ('isthing' 0). COCO panoptic: 92-200, the complement of DETR's
+    is_thing_map (ids up to 90)."""
+    return frozenset(int(c["id"]) for c in load_panoptic_json(ann_file)["categories"] if not c.get("isthing", 0))
 
 
 def panoptic_paths(coco_panoptic_path, image_set: str) -> tuple[Path, Path]:
@@ -196,5 +213,5 @@ def check_panoptic_paths(coco_path, coco_panoptic_path, image_sets) -> None:
 
 
 __all__ = ["CocoPanoptic", "build_coco_panoptic", "check_panoptic_paths", "image_paths", "panoptic_paths", "rgb2id",
-           "id2rgb",
-           "read_segment_png", "load_panoptic_json", "max_panoptic_category_id", "COCO_PANOPTIC_NUM_CLASSES", "COCO_PANOPTIC_MAX_THING_ID"]
+           "id2rgb", "stuff_category_ids",
+           "read_segment_png", "load_panoptic_json", "max_panoptic_category_id", "COCO_PANOPTIC_NUM_CLASSES"]

@@ -10,7 +10,7 @@ batched with larger ones stay aligned. DETR's panoptic post-processor stretches 
 image instead; at batch size 1 (DETR's documented evaluation) the two are the same.
 """
 from collections import defaultdict
-from typing import Dict, List, Optional, Sequence
+from typing import Collection, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -101,17 +101,17 @@ class PostProcessPanoptic(nn.Module):
 
     Output per image: 'segments' (H, W) int64 at the target size, 0 = unlabelled (VOID) and k = the k-th entry of
     'segments_info' ({'id', 'category_id', 'isthing', 'area'}), ids 1..K (DETR numbers from 0; PQ is the same).
-    Category ids up to ``max_thing_id`` are things, the others stuff (COCO panoptic: 1-90 things, as DETR's
-    is_thing_map).
+    ``stuff_ids``: the ground truth's stuff categories (COCO panoptic: 92-200, the complement of DETR's
+    is_thing_map); every other class is a thing.
     """
 
-    def __init__(self, max_thing_id: int, threshold: Optional[float] = None, cls_loss: str = "ce"):
+    def __init__(self, stuff_ids: Collection[int], threshold: Optional[float] = None, cls_loss: str = "ce"):
         super().__init__()
         if cls_loss not in SELECTIONS:
             raise ValueError(f"cls_loss must be one of {sorted(SELECTIONS)}, got {cls_loss!r}")
         self.select = SELECTIONS[cls_loss]
         self.threshold = PANOPTIC_THRESHOLDS[cls_loss] if threshold is None else threshold
-        self.max_thing_id = max_thing_id
+        self.stuff_ids = frozenset(int(i) for i in stuff_ids)
 
     def _segment_map(self, masks: Tensor, stuff_groups: List[List[int]], height: int, width: int) -> np.ndarray:
         """masks (K, h, w) logits -> (height, width) map of query indices (0..K-1), -1 where K == 0."""
@@ -141,7 +141,7 @@ class PostProcessPanoptic(nn.Module):
             masks = _upsample_and_cut(masks[keep], canvas, size)  # (K, h, w)
             stuff = defaultdict(list)
             for index, label in enumerate(classes):
-                if label > self.max_thing_id:
+                if label in self.stuff_ids:
                     stuff[label].append(index)
             groups = [g for g in stuff.values() if len(g) > 1]
             while True:
@@ -153,7 +153,7 @@ class PostProcessPanoptic(nn.Module):
                 kept = torch.as_tensor(~small, device=masks.device)
                 masks, classes, groups = masks[kept], [c for c, s in zip(classes, small) if not s], []
             segments = torch.from_numpy(ids + 1)  # -1 (no query) becomes VOID
-            info = [{"id": index + 1, "category_id": label, "isthing": label <= self.max_thing_id,
+            info = [{"id": index + 1, "category_id": label, "isthing": label not in self.stuff_ids,
                      "area": int(area)} for index, (label, area) in enumerate(zip(classes, areas))]
             results.append({"segments": segments, "segments_info": info})
         return results

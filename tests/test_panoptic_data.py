@@ -20,6 +20,7 @@ from models.postprocess_segm import PostProcessPanoptic, PostProcessSegm
 from util.errors import UserError
 
 SIZES = dict(train_size=6, val_size=3, image_size=64)
+STUFF_IDS = {5, 6, 7}
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,7 @@ def test_build_dataset_with_masks_uses_the_panoptic_set(tmp_path):
          "--synthetic_image_size", "64", "--device", "cpu"])
     main.resolve_args(args)
     assert args.dataset_file == "synthetic_panoptic" and args.num_classes == 8
+    assert datasets.stuff_ids(args) == {cat_id for cat_id, _, _ in STUFF}  # from the panoptic JSON's 'isthing'
     dataset = datasets.build_dataset("train", args)
     image, target = dataset[0]
     assert target["masks"].shape[-2:] == image.shape[-2:] and len(target["masks"]) == len(target["labels"])
@@ -189,7 +191,7 @@ def _column_masks(queries, size=8):
 
 
 def test_panoptic_keeps_confident_queries_and_merges_stuff():
-    # classes: 1 (thing), 6 and 7 (stuff; max_thing_id 4), no-object = column 8
+    # classes: 1 (thing), 6 and 7 (stuff), no-object = column 8
     big = 10.0
     logits = np.full((5, 9), -big)
     logits[0, 1] = big       # thing, confident
@@ -200,7 +202,7 @@ def test_panoptic_keeps_confident_queries_and_merges_stuff():
     logits[4, 8] = big       # no object
     masks = _column_masks([[0, 1], [2, 3, 4], [5, 6], [7], [7]])
     masks[1, :, 5:7] = 0.0  # query 1 is second best where its duplicate wins
-    result, = PostProcessPanoptic(max_thing_id=4)(_outputs(logits, masks), torch.tensor([[8, 8]]))
+    result, = PostProcessPanoptic(STUFF_IDS)(_outputs(logits, masks), torch.tensor([[8, 8]]))
     segments, info = result["segments"], result["segments_info"]
     # DETR's passes: query 2's pixels merge into query 1 (same stuff class), leaving query 2 without area; it is
     # dropped as small and the map recomputed without it, where query 1 is the best of the rest on its columns.
@@ -217,7 +219,7 @@ def test_panoptic_drops_small_segments_and_recomputes():
     masks = _column_masks([[0, 1, 2], [3], [4, 5, 6, 7]])
     masks[1, 4:, 3] = -5.0  # query 1 owns 4 pixels: dropped (<= 4), its pixels go to the next best
     masks[0, :, 3] = 1.0
-    result, = PostProcessPanoptic(max_thing_id=4)(_outputs(logits, masks), torch.tensor([[8, 8]]))
+    result, = PostProcessPanoptic(STUFF_IDS)(_outputs(logits, masks), torch.tensor([[8, 8]]))
     assert [s["area"] for s in result["segments_info"]] == [32, 32]
     assert result["segments"][:, :4].eq(1).all() and result["segments"][:, 4:].eq(2).all()
 
@@ -227,12 +229,12 @@ def test_panoptic_output_size_uses_nearest_resizing_and_empty_is_void():
     logits = np.full((2, 9), -big)
     logits[0, 1] = logits[1, 6] = big
     masks = _column_masks([[0, 1, 2, 3], [4, 5, 6, 7]])
-    result, = PostProcessPanoptic(max_thing_id=4)(_outputs(logits, masks), torch.tensor([[8, 8]]),
+    result, = PostProcessPanoptic(STUFF_IDS)(_outputs(logits, masks), torch.tensor([[8, 8]]),
                                                  torch.tensor([[16, 4]]))
     assert result["segments"].shape == (16, 4)
     assert result["segments"][:, :2].eq(1).all() and result["segments"][:, 2:].eq(2).all()
     logits[:, 8] = 2 * big  # nothing confident: every pixel VOID, no segment
-    result, = PostProcessPanoptic(max_thing_id=4)(_outputs(logits, masks), torch.tensor([[8, 8]]))
+    result, = PostProcessPanoptic(STUFF_IDS)(_outputs(logits, masks), torch.tensor([[8, 8]]))
     assert result["segments_info"] == [] and result["segments"].eq(0).all()
 
 
@@ -242,8 +244,8 @@ def test_focal_panoptic_rule_is_the_best_real_class_sigmoid():
     logits[1, 6] = -0.5  # sigmoid 0.38: dropped
     logits[2, 8] = 6.0   # the no-object column never makes a segment under focal
     masks = _column_masks([[0, 1, 2, 3], [4, 5], [6, 7]])
-    result, = PostProcessPanoptic(max_thing_id=4, cls_loss="focal")(_outputs(logits, masks), torch.tensor([[8, 8]]))
+    result, = PostProcessPanoptic(STUFF_IDS, cls_loss="focal")(_outputs(logits, masks), torch.tensor([[8, 8]]))
     assert [(s["category_id"], s["area"]) for s in result["segments_info"]] == [(2, 64)]
-    strict, = PostProcessPanoptic(max_thing_id=4, threshold=0.7, cls_loss="focal")(
+    strict, = PostProcessPanoptic(STUFF_IDS, threshold=0.7, cls_loss="focal")(
         _outputs(logits, masks), torch.tensor([[8, 8]]))
     assert strict["segments_info"] == []
