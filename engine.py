@@ -48,11 +48,29 @@ class NonFiniteLoss(UserError):
     pass
 
 
+def nonfinite_outputs(outputs: dict) -> List[str]:
+    """Names of the model outputs holding a NaN or inf ('pred_boxes', 'aux_outputs[0].pred_logits', ...).
+    Checked before the loss: the matcher's GIoU asserts on NaN boxes, and scipy refuses NaN costs."""
+    named = [(k, v) for k, v in outputs.items() if isinstance(v, torch.Tensor)]
+    for i, aux in enumerate(outputs.get("aux_outputs", [])):
+        named += [(f"aux_outputs[{i}].{k}", v) for k, v in aux.items()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist()  # one device sync per step
+    return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
+def _nonfinite_on_any_rank(outputs: dict, device: torch.device) -> List[str]:
+    """``nonfinite_outputs`` agreed on by every rank (they must all take the same path or DDP hangs)."""
+    bad = nonfinite_outputs(outputs)
+    if dist.any_rank(bool(bad), device) and not bad:
+        bad = ["on another rank"]
+    return bad
+
+
 @dataclass
 class TrainResult:
     stats: Dict[str, float]
     step: int  # global iteration counter after the epoch (TensorBoard x axis)
-    skipped: int = 0  # batches skipped for a non-finite loss
+    skipped: int = 0  # batches skipped for a non-finite output or loss
     stopped_at: Optional[int] = None  # iterations done in this epoch when a stop was requested
 
 
@@ -73,8 +91,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     should_stop: Callable[[], bool] = lambda: False, start_iter: int = 0) -> TrainResult:
     """One pass over ``data_loader``. Stops early after ``max_iters`` steps (0: no cap) or when
     ``should_stop()`` turns true after a step (preemption: ``stopped_at`` says how many steps are done).
-    A non-finite loss raises NonFiniteLoss naming epoch, iteration and components, unless fewer than
-    ``skip_nonfinite`` batches were skipped so far (then the batch is skipped and counted)."""
+    A non-finite model output (checked first, on every rank) or loss raises NonFiniteLoss naming epoch,
+    iteration and the outputs or loss components, unless fewer than ``skip_nonfinite`` batches were skipped
+    so far (then the batch is skipped and counted)."""
     model.train()
     criterion.train()
     metric_logger = MetricLogger(delimiter="  ", show=TRAIN_CONSOLE)
@@ -86,12 +105,27 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     weight_dict = criterion.weight_dict
     batches = itertools.islice(data_loader, total - start_iter)
     iterator = metric_logger.log_every(batches, log_every, f"Epoch: [{epoch}]", total=total, start=start_iter)
+
+    def nonfinite(what: str, i: int) -> None:
+        """Stop with NonFiniteLoss, or count the batch as skipped while --skip_nonfinite allows."""
+        if result.skipped >= skip_nonfinite:
+            raise NonFiniteLoss(f"{what} at epoch {epoch}, iteration {i}; stopped, the last checkpoint is untouched "
+                                f"(--skip_nonfinite N skips such batches)")
+        result.skipped += 1
+        print(f"skipping batch: {what} at epoch {epoch}, iteration {i}; {result.skipped} skipped so far")
+        optimizer.zero_grad(set_to_none=True)
+
     for i, (samples, targets) in enumerate(iterator, start=start_iter):
         samples = samples.to(device)
         targets = _targets_to(targets, device)
         with _autocast(device, amp):
             outputs = model(samples)
-        loss_dict = criterion({k: _float(v) for k, v in outputs.items()}, targets)
+        outputs = {k: _float(v) for k, v in outputs.items()}
+        bad = _nonfinite_on_any_rank(outputs, device)
+        if bad:
+            nonfinite(f"non-finite model output ({', '.join(bad)})", i)
+            continue
+        loss_dict = criterion(outputs, targets)
         losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 
         reduced = dist.reduce_dict({k: v.detach() for k, v in loss_dict.items()})
@@ -100,13 +134,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         loss_value = sum(scaled.values()).item()
         if not math.isfinite(loss_value):
             components = ", ".join(f"{k}={v.item():.4g}" for k, v in scaled.items())
-            if result.skipped >= skip_nonfinite:
-                raise NonFiniteLoss(f"non-finite loss {loss_value} at epoch {epoch}, iteration {i} ({components}); "
-                                    f"stopped, the last checkpoint is untouched (--skip_nonfinite N skips such batches)")
-            result.skipped += 1
-            print(f"skipping batch: non-finite loss at epoch {epoch}, iteration {i} ({components}); "
-                  f"{result.skipped} skipped so far")
-            optimizer.zero_grad(set_to_none=True)
+            nonfinite(f"non-finite loss {loss_value} ({components})", i)
             continue
 
         optimizer.zero_grad(set_to_none=True)
@@ -174,7 +202,7 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
     panoptic = PanopticEvaluator.from_dataset(data_loader.dataset) if "panoptic" in postprocessors else None
     timer = PhaseTimer(device)
     began = time.perf_counter()
-    for samples, targets in metric_logger.log_every(data_loader, log_every, "Test:"):
+    for batch, (samples, targets) in enumerate(metric_logger.log_every(data_loader, log_every, "Test:")):
         timer.add("data", metric_logger.data_time)
         with timer("model"):
             samples = samples.to(device)
@@ -182,6 +210,11 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
             with _autocast(device, amp):
                 outputs = model(samples)
             outputs = {k: _float(v) for k, v in outputs.items()}
+        bad = _nonfinite_on_any_rank(outputs, device)
+        if bad:
+            raise NonFiniteLoss(f"non-finite model output ({', '.join(bad)}) in evaluation batch {batch}: the weights "
+                                f"or activations have diverged; nothing was saved for this epoch (resume from an "
+                                f"earlier checkpoint, e.g. with a lower --lr)")
         with timer("loss"):
             loss_dict = dist.reduce_dict(criterion(outputs, targets))
             weight_dict = criterion.weight_dict
@@ -249,4 +282,5 @@ def final_metrics(test_stats: Dict) -> Dict[str, float]:
     return metrics
 
 
-__all__ = ["train_one_epoch", "evaluate", "eval_time_line", "final_metrics", "ResumableSampler", "TrainResult", "NonFiniteLoss"]
+__all__ = ["train_one_epoch", "evaluate", "eval_time_line", "final_metrics", "nonfinite_outputs", "ResumableSampler",
+           "TrainResult", "NonFiniteLoss"]

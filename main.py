@@ -22,20 +22,11 @@ from options import (ablation_summary, check_args, format_config, get_args_parse
 from util import checkpoint as ckpt
 from util import dist
 from util import run_config
+from util import run_folder
 from util.errors import UserError
 from util.misc import collate_fn, seed_everything
 from util.preemption import PREEMPTION_SIGNALS, PreemptionHandler, exit_for_requeue
 from util.tb import RunLogger
-
-
-def _check_output_dir(output_dir: str) -> None:
-    try:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        probe = Path(output_dir) / f".write_test.{os.getpid()}"  # one per process: ranks share the folder
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"--output_dir {output_dir} is not writable ({exc.strerror}); choose another folder") from None
 
 
 def _resume_path(args) -> str:
@@ -92,7 +83,14 @@ def _collate(args):
     return functools.partial(collate_fn, pad_to=args.fixed_size)
 
 
-def _loaders(args, dataset_train, dataset_val):
+@dataclass
+class Loaders:
+    sampler_train: engine.ResumableSampler
+    train: DataLoader
+    val: DataLoader
+
+
+def _loaders(args, dataset_train, dataset_val) -> Loaders:
     world, rank = dist.get_world_size(), dist.get_rank()
     # a seeded DistributedSampler also for one process: the data order depends only on (seed, epoch),
     # so a resumed run sees exactly the batches a straight run would
@@ -106,7 +104,7 @@ def _loaders(args, dataset_train, dataset_val):
     if len(loader_train) == 0:
         raise UserError(f"the training set has {len(dataset_train)} images, fewer than --batch_size "
                         f"{args.batch_size} x {world} processes; lower --batch_size")
-    return sampler_train, loader_train, loader_val
+    return Loaders(sampler_train, loader_train, loader_val)
 
 
 @dataclass
@@ -121,32 +119,46 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.StepLR
     device: torch.device
-    output_dir: Optional[Path]
+    folder: Optional[run_folder.RunFolder]  # --output_dir, owned by this run (None: nothing is written)
     start_epoch: int = 0
     start_iter: int = 0  # steps already done in start_epoch (a preempted epoch)
     tb_step: int = 0  # global iteration counter, the TensorBoard x axis
     resumed_log_stats: Optional[dict] = None  # the checkpointed epoch's log line
     n_parameters: int = 0  # trainable parameters (log.txt, as DETR)
+    resumed_metrics: Optional[dict] = None  # the named COCO metrics of the checkpoint's last evaluation
+
+    @property
+    def output_dir(self) -> Optional[Path]:
+        return self.folder.path if self.folder is not None else None
 
     @property
     def writes(self) -> bool:
-        return self.output_dir is not None and dist.is_main_process()
+        return self.folder is not None and dist.is_main_process()
 
-    def save(self, name: str, epoch: int, iteration: int = 0, log_stats: Optional[dict] = None) -> None:
+    def save(self, name: str, epoch: int, iteration: int = 0, log_stats: Optional[dict] = None,
+             metrics: Optional[dict] = None) -> None:
         """Atomic checkpoint; ``iteration`` > 0 marks a preempted epoch (resume continues it);
-        ``log_stats`` is the epoch's log.txt line (restored on resume if the line never reached the file)."""
+        ``log_stats`` is the epoch's log.txt line (restored on resume if the line never reached the file);
+        ``metrics`` the last evaluation's named COCO metrics (finished.json of a resumed run needs them)."""
         if not self.writes:
             return
+        self.folder.check()
         state = {"model": self.model_without_ddp.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "lr_scheduler": self.lr_scheduler.state_dict(), "epoch": epoch, "iteration": iteration,
                  "config": self.config, "rng": ckpt.rng_state(), "tb_step": self.tb_step,
-                 "log_stats": log_stats}
+                 "log_stats": log_stats, "metrics": metrics or {}}
         ckpt.atomic_save(state, self.output_dir / name)
 
-    def write_json(self, name: str, obj, mode: str = "w") -> None:
+    def write_json(self, name: str, obj) -> None:
+        """A whole JSON file, atomically (finished.json, config.json)."""
         if self.writes:
-            with open(self.output_dir / name, mode) as f:
-                f.write(json.dumps(obj, sort_keys=True) + "\n")
+            self.folder.check()
+            ckpt.atomic_write_text(self.output_dir / name, json.dumps(obj, sort_keys=True) + "\n", what=name)
+
+    def log_line(self, log_stats: dict) -> None:
+        if self.writes:
+            self.folder.check()
+            ckpt.append_line(self.output_dir / "log.txt", json.dumps(log_stats, sort_keys=True), what="log")
 
     def restore(self, checkpoint: dict, path: str, explicit) -> None:
         """Continue a run: optimizer, scheduler, position and RNG from ``checkpoint``."""
@@ -158,22 +170,36 @@ class Trainer:
         self.start_epoch = checkpoint["epoch"] + (0 if self.start_iter else 1)
         self.tb_step = checkpoint.get("tb_step", 0)
         self.resumed_log_stats = checkpoint.get("log_stats")
+        self.resumed_metrics = checkpoint.get("metrics")
         if "rng" in checkpoint:
             ckpt.set_rng_state(checkpoint["rng"])
         print(f"resumed from {path} at epoch {self.start_epoch}"
               + (f", iteration {self.start_iter}" if self.start_iter else ""))
 
 
+def _log_epoch(line: str) -> Optional[int]:
+    """The epoch of a log.txt line; None for a line torn by a kill or a full disk."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    return entry.get("epoch", -1) if isinstance(entry, dict) else None
+
+
 def _truncate_log(path: Path, start_epoch: int, checkpointed: Optional[dict] = None) -> None:
     """Make log.txt hold exactly the epochs before ``start_epoch``: drop lines of epochs this run will
-    (re)do, and add the checkpointed epoch's line (``checkpointed``) if a stop came before it was written."""
+    (re)do and torn lines, and add the checkpointed epoch's line (``checkpointed``) if a stop came before
+    it was written. Rewritten atomically, so a failure here loses no line."""
     lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    kept = [line for line in lines if json.loads(line).get("epoch", -1) < start_epoch]
-    epochs = {json.loads(line).get("epoch") for line in kept}
+    torn = [line for line in lines if _log_epoch(line) is None]
+    if torn:
+        print(f"dropping {len(torn)} torn line(s) of {path} (a write that did not finish)")
+    kept = [line for line in lines if _log_epoch(line) is not None and _log_epoch(line) < start_epoch]
+    epochs = {_log_epoch(line) for line in kept}
     if checkpointed is not None and checkpointed.get("epoch") not in epochs and checkpointed["epoch"] < start_epoch:
         kept.append(json.dumps(checkpointed, sort_keys=True))
     if kept != lines:
-        path.write_text("".join(line + "\n" for line in kept))
+        ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept), what="log")
 
 
 def main(args, explicit=frozenset()):
@@ -183,13 +209,27 @@ def main(args, explicit=frozenset()):
     if args.device == "cpu" and dist.get_world_size() > 1:
         # CPU processes of one job share the node's cores; oversubscribed OpenMP threads thrash
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
-    device = torch.device(args.device)
+    folder = None
     if args.output_dir:
-        _check_output_dir(args.output_dir)
-    datasets.check_paths(args, ("val",) if args.eval else ("train", "val"))
+        # before anything is written there: one live run per folder, finished runs stay as they are
+        folder = run_folder.claim(args)
+        if folder is None:
+            return {}
+    try:
+        return _run(args, explicit, folder)
+    finally:
+        if folder is not None:
+            folder.release()
 
+
+def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
+    device = torch.device(args.device)
+    datasets.check_paths(args, ("val",) if args.eval else ("train", "val"))
     resume_path = _resume_path(args)
     checkpoint = ckpt.load_checkpoint(resume_path, trust=args.trust_checkpoint) if resume_path else None
+    if args.eval and checkpoint is None and not args.finetune_from and not args.eval_untrained:
+        raise UserError(f"--eval --resume auto: no checkpoint.pth in {args.output_dir} to evaluate; pass "
+                        f"--resume PATH, or --eval_untrained to score the untrained model on purpose")
     if checkpoint is not None:
         for message in _adopt_architecture(args, explicit, checkpoint, resume_path):
             print(message)
@@ -225,62 +265,68 @@ def main(args, explicit=frozenset()):
     print(f"number of params: {n_parameters}")
 
     dataset_val = datasets.build_dataset("val", args)
+    datasets.check_split(dataset_val, "val", need_annotations=True)
     base_ds = datasets.get_coco_api_from_dataset(dataset_val)
     if args.eval:
         loader_val = DataLoader(dataset_val, batch_size=args.batch_size, collate_fn=_collate(args),
                                 num_workers=args.num_workers, sampler=_val_sampler(dataset_val))
         stats, _ = engine.evaluate(model, criterion, postprocessors, loader_val, base_ds, device, amp=args.amp,
                                    coco_backend=args.coco_backend, voc_metric=datasets.uses_voc_metric(dataset_val))
-        if args.output_dir and dist.is_main_process():
-            with open(Path(args.output_dir) / "eval.json", "w") as f:
-                json.dump(stats, f)
+        if folder is not None and dist.is_main_process():
+            folder.prepare()
+            ckpt.atomic_write_text(folder.path / "eval.json", json.dumps(stats), what="eval.json")
         return stats
 
     optimizer = torch.optim.AdamW(_param_groups(model_without_ddp, args), lr=args.lr,
                                   weight_decay=args.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     trainer = Trainer(args, config, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
-                      device, Path(args.output_dir) if args.output_dir else None, start_epoch=args.start_epoch,
-                      n_parameters=n_parameters)
+                      device, folder, start_epoch=args.start_epoch, n_parameters=n_parameters)
     if checkpoint is not None and "optimizer" in checkpoint and "lr_scheduler" in checkpoint:
         trainer.restore(checkpoint, resume_path, explicit)
     dataset_train = datasets.build_dataset("train", args)
+    datasets.check_split(dataset_train, "train")
+    loaders = _loaders(args, dataset_train, dataset_val)
+    diag_batch = next(iter(DataLoader(dataset_val, batch_size=min(2, len(dataset_val)),
+                                      collate_fn=_collate(args))))[0]
+    # every input is checked: from here on the run writes (and --overwrite deletes the previous run)
     if trainer.writes:
-        with open(trainer.output_dir / "config.json", "w") as f:
-            json.dump(config, f, indent=1, sort_keys=True)
+        folder.prepare()
+        ckpt.atomic_write_text(folder.path / "config.json", json.dumps(config, indent=1, sort_keys=True),
+                               what="config.json")
         # what an interrupted attempt logged past the checkpoint (or, with none, at all) is redone
-        _truncate_log(trainer.output_dir / "log.txt", trainer.start_epoch, trainer.resumed_log_stats)
+        _truncate_log(folder.path / "log.txt", trainer.start_epoch, trainer.resumed_log_stats)
     logger = RunLogger(args.output_dir, enabled=dist.is_main_process(), purge_step=trainer.tb_step)
     logger.log_hparams(config, {})
     # under submitit, its own handler checkpoints and requeues (via slurm/submit.py's checkpoint())
     preemption = PreemptionHandler(signals=() if os.environ.get("SUBMITIT_EXECUTOR") else PREEMPTION_SIGNALS)
     try:
-        return train(trainer, dataset_train, dataset_val, base_ds, logger, preemption)
+        return train(trainer, loaders, diag_batch, base_ds, logger, preemption)
     finally:
         preemption.uninstall()
         logger.close()
 
 
-def _stop_for_requeue(trainer: Trainer, preemption, epoch: int, iteration: int, logger) -> None:
-    trainer.save("checkpoint.pth", epoch, iteration=iteration)
+def _stop_for_requeue(trainer: Trainer, preemption, epoch: int, iteration: int, logger, metrics: dict) -> None:
+    trainer.save("checkpoint.pth", epoch, iteration=iteration, metrics=metrics)
     where = f"epoch {epoch}, iteration {iteration}" if iteration else f"the end of epoch {epoch}"
     print(f"{preemption.signal_name}: saved checkpoint at {where}")
     logger.close()
     preemption.uninstall()
-    exit_for_requeue(dist.get_rank())
+    exit_for_requeue(dist.get_rank())  # SystemExit: main() releases the folder on its way out
 
 
-def train(trainer: Trainer, dataset_train, dataset_val, base_ds, logger, preemption) -> dict:
+def train(trainer: Trainer, loaders: Loaders, diag_batch, base_ds, logger, preemption) -> dict:
     """The epoch loop: train, evaluate, log, checkpoint (after the epoch's logs, so a resumed run
     redoes an epoch whose logs may be partial, and drops them first)."""
     args, device = trainer.args, trainer.device
-    sampler_train, loader_train, loader_val = _loaders(args, dataset_train, dataset_val)
-    diag_batch = next(iter(DataLoader(dataset_val, batch_size=min(2, len(dataset_val)),
-                                      collate_fn=_collate(args))))[0]
-    voc_metric = datasets.uses_voc_metric(dataset_val)
+    sampler_train, loader_train, loader_val = loaders.sampler_train, loaders.train, loaders.val
+    voc_metric = datasets.uses_voc_metric(loader_val.dataset)
     print("start training")
     start_time = time.time()
     test_stats = {}
+    # the last evaluation's metrics, carried by checkpoints: a resumed run that evaluates no more still has them
+    metrics = dict(trainer.resumed_metrics or {})
     for epoch in range(trainer.start_epoch, args.epochs):
         epoch_start = time.time()
         start_iter = trainer.start_iter if epoch == trainer.start_epoch else 0
@@ -296,7 +342,7 @@ def train(trainer: Trainer, dataset_train, dataset_val, base_ds, logger, preempt
             start_iter=start_iter)
         trainer.tb_step = result.step
         if result.stopped_at is not None:
-            _stop_for_requeue(trainer, preemption, epoch, result.stopped_at, logger)
+            _stop_for_requeue(trainer, preemption, epoch, result.stopped_at, logger, metrics)
         trainer.lr_scheduler.step()
 
         coco_stats = None
@@ -304,6 +350,7 @@ def train(trainer: Trainer, dataset_train, dataset_val, base_ds, logger, preempt
             test_stats, coco_stats = engine.evaluate(trainer.model, trainer.criterion, trainer.postprocessors,
                                                      loader_val, base_ds, device, amp=args.amp,
                                                      coco_backend=args.coco_backend, voc_metric=voc_metric)
+            metrics = engine.final_metrics(test_stats)
         if args.dynamic_scale != "none":
             logger.log_smca(epoch, trainer.model_without_ddp.smca_diagnostics(diag_batch.to(device)))
         epoch_time = time.time() - epoch_start
@@ -320,14 +367,13 @@ def train(trainer: Trainer, dataset_train, dataset_val, base_ds, logger, preempt
         logger.log_epoch(epoch, result.stats, coco_stats, epoch_time)
         if coco_stats is not None:
             logger.log_segmentation(epoch, test_stats)
-        trainer.save("checkpoint.pth", epoch, log_stats=log_stats)
+        trainer.save("checkpoint.pth", epoch, log_stats=log_stats, metrics=metrics)
         # keep a copy before each lr drop and every --save_every epochs (DETR)
         if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.save_every == 0:
-            trainer.save(f"checkpoint{epoch:04}.pth", epoch, log_stats=log_stats)
-        trainer.write_json("log.txt", log_stats, mode="a")
+            trainer.save(f"checkpoint{epoch:04}.pth", epoch, log_stats=log_stats, metrics=metrics)
+        trainer.log_line(log_stats)
         if preemption.requested_on_any_rank(device):  # arrived during evaluation
-            _stop_for_requeue(trainer, preemption, epoch, 0, logger)
-    metrics = engine.final_metrics(test_stats)
+            _stop_for_requeue(trainer, preemption, epoch, 0, logger, metrics)
     logger.log_hparams(trainer.config, metrics)
     trainer.write_json("finished.json", {"epochs": args.epochs, "metrics": metrics})
     print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
@@ -343,8 +389,15 @@ def _one_line(message: str) -> str:
     return last.split("UserError: ", 1)[-1]
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line on stderr and exit code 2, like every other input error (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python main.py --help lists the flags)\n")
+
+
 def cli(argv=None) -> int:
-    parser = argparse.ArgumentParser("DETR / SMCA ablations", parents=[get_args_parser()], allow_abbrev=False)
+    parser = _OneLineParser("python main.py", parents=[get_args_parser()], allow_abbrev=False)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     try:

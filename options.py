@@ -7,6 +7,7 @@ a resumed or evaluated model takes these flags from its checkpoint (util/run_con
 not one: the auxiliary heads share the final head's weights, so it changes the loss, never the weights.
 """
 import argparse
+import math
 import os
 
 import torch
@@ -15,6 +16,7 @@ import datasets
 from datasets.coco_eval import COCO_BACKENDS
 from models.postprocess_segm import PANOPTIC_THRESHOLDS
 from models.segmentation import MASK_HEAD_NARROWING
+from util import lease, run_folder
 from util.errors import UserError
 
 DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
@@ -37,6 +39,38 @@ def architecture_flags(parser: argparse.ArgumentParser) -> tuple:
     return tuple(a.dest for a in parser._actions if getattr(a, "architecture", False))
 
 
+def number(low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False):
+    """An argparse ``type`` for a finite float in [low, high] (an open end with ``low_open``/``high_open``):
+    nan, inf and out-of-range values fail at parse time with the flag's name and its range."""
+    if low is not None and high is not None:
+        wanted = f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        wanted = f"a finite number {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        wanted = f"a finite number {'<' if high_open else '<='} {high:g}"
+    else:
+        wanted = "a finite number"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+        ok = math.isfinite(value)
+        ok = ok and (low is None or (value > low if low_open else value >= low))
+        ok = ok and (high is None or (value < high if high_open else value <= high))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+NONNEGATIVE = number(0.0)
+
+
 def fixed_size(text: str) -> tuple:
     """--fixed_size value: N (a square canvas) or HxW -> (H, W)."""
     height, sep, width = text.strip().lower().partition("x")
@@ -55,13 +89,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     def arch(*names, **kwargs):  # an architecture flag (see the module docstring)
         return architecture(parser.add_argument(*names, **kwargs))
 
-    parser.add_argument("--lr", default=1e-4, type=float)
-    parser.add_argument("--lr_backbone", default=1e-5, type=float)
+    parser.add_argument("--lr", default=1e-4, type=NONNEGATIVE)
+    parser.add_argument("--lr_backbone", default=1e-5, type=NONNEGATIVE,
+                        help="0 freezes the backbone")
     parser.add_argument("--batch_size", default=2, type=int)
-    parser.add_argument("--weight_decay", default=1e-4, type=float)
+    parser.add_argument("--weight_decay", default=1e-4, type=NONNEGATIVE)
     parser.add_argument("--epochs", default=300, type=int)
     parser.add_argument("--lr_drop", default=200, type=int)
-    parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm (0: off)")
+    parser.add_argument("--clip_max_norm", default=0.1, type=NONNEGATIVE, help="gradient clipping max norm (0: off)")
     parser.add_argument("--frozen_weights", type=str, default=None,
                         help="with --masks: a box checkpoint (path or URL) whose detector is loaded and frozen, so "
                              "only the mask head trains (DETR's second stage)")
@@ -80,7 +115,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     arch("--dec_layers", default=6, type=int)
     arch("--dim_feedforward", default=2048, type=int)
     arch("--hidden_dim", default=256, type=int)
-    parser.add_argument("--dropout", default=0.1, type=float)
+    parser.add_argument("--dropout", default=0.1, type=number(0.0, 1.0, high_open=True))
     arch("--nheads", default=8, type=int)
     arch("--num_queries", default=100, type=int)
     arch("--pre_norm", action="store_true")
@@ -90,7 +125,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     # SMCA ablations (docs/ablation-modules.md)
     arch("--dynamic_scale", default="none", choices=DYNAMIC_SCALES,
          help="spatially modulated co-attention and its scale variant; none = plain DETR")
-    arch("--smooth", default=8.0, type=float, help="bandwidth beta of the log-prior -D / beta")
+    arch("--smooth", default=8.0, type=number(0.0, low_open=True), help="bandwidth beta of the log-prior -D / beta")
     arch("--head_mixture", action="store_true", help="prior on the first half of the heads only")
     arch("--query_mixture", action="store_true",
          help="the first half of the queries are plain DETR queries")
@@ -103,23 +138,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_aux_loss", action="store_true", help="loss on the last decoder layer only")
     arch("--cls_loss", default="auto", choices=("auto", "ce", "focal"),
          help="auto: focal with --dynamic_scale, ce without")
-    parser.add_argument("--focal_alpha", default=0.25, type=float)
-    parser.add_argument("--focal_gamma", default=2.0, type=float)
-    parser.add_argument("--set_cost_class", default=None, type=float, help="default: 1 (ce) / 2 (focal)")
-    parser.add_argument("--set_cost_bbox", default=5.0, type=float)
-    parser.add_argument("--set_cost_giou", default=2.0, type=float)
-    parser.add_argument("--cls_loss_coef", default=None, type=float, help="default: 1 (ce) / 2 (focal)")
-    parser.add_argument("--bbox_loss_coef", default=5.0, type=float)
-    parser.add_argument("--giou_loss_coef", default=2.0, type=float)
-    parser.add_argument("--eos_coef", default=0.1, type=float, help="no-object class weight (ce)")
-    parser.add_argument("--mask_loss_coef", default=1.0, type=float, help="--masks: weight of the mask focal loss")
-    parser.add_argument("--dice_loss_coef", default=1.0, type=float, help="--masks: weight of the mask DICE loss")
+    parser.add_argument("--focal_alpha", default=0.25, type=number(0.0, 1.0))
+    parser.add_argument("--focal_gamma", default=2.0, type=NONNEGATIVE)
+    parser.add_argument("--set_cost_class", default=None, type=NONNEGATIVE, help="default: 1 (ce) / 2 (focal)")
+    parser.add_argument("--set_cost_bbox", default=5.0, type=NONNEGATIVE)
+    parser.add_argument("--set_cost_giou", default=2.0, type=NONNEGATIVE)
+    parser.add_argument("--cls_loss_coef", default=None, type=NONNEGATIVE, help="default: 1 (ce) / 2 (focal)")
+    parser.add_argument("--bbox_loss_coef", default=5.0, type=NONNEGATIVE)
+    parser.add_argument("--giou_loss_coef", default=2.0, type=NONNEGATIVE)
+    parser.add_argument("--eos_coef", default=0.1, type=NONNEGATIVE, help="no-object class weight (ce)")
+    parser.add_argument("--mask_loss_coef", default=1.0, type=NONNEGATIVE, help="--masks: weight of the mask focal loss")
+    parser.add_argument("--dice_loss_coef", default=1.0, type=NONNEGATIVE, help="--masks: weight of the mask DICE loss")
 
     # evaluation
     parser.add_argument("--num_detections", default=None, type=int,
                         help="detections kept per image for evaluation; default: num_queries (query, class) "
                              "pairs for focal (the original SMCA post-processing), one per query for ce (DETR)")
-    parser.add_argument("--panoptic_threshold", default=None, type=float,
+    parser.add_argument("--panoptic_threshold", default=None, type=number(0.0, 1.0, high_open=True),
                         help="--masks: a query joins the panoptic segmentation when its class score exceeds this; "
                              "default 0.85 on the softmax (ce, DETR), 0.5 on the best sigmoid (focal)")
 
@@ -150,7 +185,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "that order); default: the 20 Pascal VOC classes")
     parser.add_argument("--voc_keep_difficult", action="store_true",
                         help="train on objects marked difficult too (evaluation always ignores them, as VOC)")
-    parser.add_argument("--mosaic", type=float, default=0.0,
+    parser.add_argument("--mosaic", type=number(0.0, 1.0), default=0.0,
                         help="probability that a training sample is a 2x2 mosaic of four images (0: off)")
     parser.add_argument("--fixed_size", type=fixed_size, default=None, metavar="N|HxW",
                         help="resize (aspect kept) and pad every train and eval image to one HxW canvas")
@@ -176,7 +211,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust_checkpoint", action="store_true",
                         help="allow checkpoints that need full unpickling (only for files you trust)")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
-    parser.add_argument("--eval", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an --output_dir that holds a run: deletes its checkpoints, logs and events")
+    parser.add_argument("--owner_timeout", default=lease.DEFAULT_TIMEOUT_S, type=number(0.0, low_open=True),
+                        metavar="SECONDS",
+                        help="a run folder's owner on another host without a heartbeat for this long is taken over "
+                             "(README: Run folders)")
+    parser.add_argument("--eval", action="store_true", help="evaluate the weights of --resume and exit")
+    parser.add_argument("--eval_untrained", action="store_true",
+                        help="allow --eval without --resume: score the untrained model on purpose")
     parser.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
     parser.add_argument("--coco_backend", default="faster_coco_eval", choices=COCO_BACKENDS,
                         help="COCO scoring: faster_coco_eval (C++, same 12 numbers, several times faster) or "
@@ -205,12 +248,8 @@ def check_args(args) -> None:
         raise UserError(f"--hidden_dim {args.hidden_dim} must be divisible by --nheads {args.nheads}")
     if args.hidden_dim % 2:
         raise UserError(f"--hidden_dim {args.hidden_dim} must be even (half goes to x, half to y positions)")
-    if not 0 <= args.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.num_detections is not None and args.num_detections <= 0:
         raise UserError(f"--num_detections must be positive, got {args.num_detections}")
-    if args.smooth <= 0:
-        raise UserError(f"--smooth must be > 0 (it divides the squared distance), got {args.smooth}")
     for flag in ("head_mixture", "query_mixture"):
         if getattr(args, flag) and args.dynamic_scale == "none":
             raise UserError(f"--{flag} mixes the spatial prior with plain attention and needs --dynamic_scale "
@@ -229,8 +268,6 @@ def check_args(args) -> None:
     if args.masks and args.hidden_dim < MASK_HEAD_NARROWING:
         raise UserError(f"--masks: the mask head narrows --hidden_dim by {MASK_HEAD_NARROWING}; "
                         f"--hidden_dim {args.hidden_dim} is smaller")
-    if args.panoptic_threshold is not None and not 0 <= args.panoptic_threshold < 1:
-        raise UserError(f"--panoptic_threshold is a probability in [0, 1), got {args.panoptic_threshold}")
     if args.dilation and args.backbone in ("resnet18", "resnet34"):
         raise UserError(f"--dilation needs a bottleneck ResNet (resnet50 or resnet101); torchvision's "
                         f"{args.backbone} blocks do not support dilation")
@@ -238,8 +275,16 @@ def check_args(args) -> None:
         raise UserError(f"--amp uses bf16 autocast on CUDA; --device is {args.device}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} but CUDA is not available; use --device cpu")
-    if args.skip_nonfinite < 0 or args.max_iters_per_epoch < 0 or args.start_epoch < 0:
-        raise UserError("--skip_nonfinite, --max_iters_per_epoch and --start_epoch must be >= 0")
+    if min(args.skip_nonfinite, args.max_iters_per_epoch, args.start_epoch, args.num_workers) < 0:
+        raise UserError("--skip_nonfinite, --max_iters_per_epoch, --start_epoch and --num_workers must be >= 0")
+    if args.eval and not (args.resume or args.finetune_from or args.eval_untrained):
+        raise UserError("--eval scores trained weights but no --resume PATH was given; pass --resume PATH|URL (or "
+                        "--finetune_from PATH), or --eval_untrained to score the untrained model on purpose")
+    if args.overwrite and args.eval:
+        raise UserError("--overwrite starts a new training run in --output_dir; it has no meaning with --eval")
+    if args.overwrite and args.output_dir and run_folder.continues_folder(args):
+        raise UserError(f"--overwrite starts over but --resume {args.resume} continues the run in --output_dir; "
+                        f"pass one of them")
     if args.resume and args.finetune_from:
         raise UserError("--resume and --finetune_from exclude each other: resume continues a run, "
                         "finetune_from starts a new one from another run's weights")
@@ -271,8 +316,6 @@ def _check_dataset_flags(args) -> None:
     if args.synthetic_format != "coco" and args.dataset_file != "synthetic":
         raise UserError(f"--synthetic_format {args.synthetic_format} needs --dataset_file synthetic "
                         f"(got {args.dataset_file})")
-    if not 0 <= args.mosaic <= 1:
-        raise UserError(f"--mosaic is a probability in [0, 1], got {args.mosaic}")
     if args.masks and args.mosaic:
         raise UserError("--mosaic composes boxes only, not segment masks; drop it with --masks")
     if args.dataset_file == "synthetic" and args.masks:

@@ -179,6 +179,20 @@ def uses_voc_metric(dataset) -> bool:
     return isinstance(dataset, VocDetection)
 
 
+def check_split(dataset, image_set: str, need_annotations: bool = False) -> None:
+    """Fail before training when a split cannot be used, naming its annotation file: no images, or (for the
+    split COCO evaluation scores) no annotations, which would make every metric -1."""
+    base = dataset
+    while isinstance(base, (torch.utils.data.Subset, Mosaic)):
+        base = base.dataset
+    source = getattr(base, "ann_file", None) or f"the {image_set} split"
+    if len(dataset) == 0:
+        raise UserError(f"the {image_set} set is empty: {source} lists no images; check --coco_path / the split")
+    if need_annotations and not base.coco.dataset.get("annotations"):
+        raise UserError(f"the {image_set} set has no annotations: {source} lists {len(dataset)} images and no "
+                        f"boxes, so COCO evaluation would report -1 for every metric; use a split with annotations")
+
+
 def get_coco_api_from_dataset(dataset):
     """The pycocotools COCO object behind a dataset (unwrapping Subsets)."""
     while isinstance(dataset, torch.utils.data.Subset):

@@ -16,10 +16,12 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pycocotools.coco import COCO
 
 from util.dist import is_main_process
+
+from .images import ImageDecodeError, load_rgb
 from util.errors import UserError
 
 COCO_LAYOUT = "--coco_path with train2017/ val2017/ annotations/instances_{train,val}2017.json"
@@ -137,10 +139,9 @@ class CocoDetection(torch.utils.data.Dataset):
         info = self.coco.imgs[img_id]
         path = self.img_folder / info["file_name"]
         try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-            raise _BadImage(f"cannot read image {path}: {e}") from e
+            img = load_rgb(path)  # every PIL mode by its rule (datasets/images.py)
+        except ImageDecodeError as e:
+            raise _BadImage(str(e)) from e
         expected = (info.get("width"), info.get("height"))
         if None not in expected and img.size != expected:
             raise _BadImage(f"image {path} is {img.size[0]}x{img.size[1]} but {self.ann_file} says "

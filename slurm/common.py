@@ -64,7 +64,7 @@ class Trainer:
 
     Every task sets torch.distributed's variables from submitit's JobEnvironment (so util.dist takes the
     torchrun path), and runs with ``--resume auto`` once <output_dir>/checkpoint.pth exists; before
-    that an explicit ``--resume PATH`` of the first start is kept. ``checkpoint()`` (called by submitit on
+    that an explicit ``--resume PATH`` or ``--finetune_from PATH`` of the first start is kept. ``checkpoint()`` (called by submitit on
     its time-limit/preemption signal) resubmits the same flags: the requeued job resumes from
     <output_dir>/checkpoint.pth.
     """
@@ -88,7 +88,12 @@ class Trainer:
                                                    os.environ.get("SLURM_ARRAY_JOB_ID"))))
         parser = argparse.ArgumentParser(parents=[main.get_args_parser()], allow_abbrev=False)
         args = parser.parse_args(self.argv)
-        if not args.resume or (Path(args.output_dir) / "checkpoint.pth").exists():
+        if (Path(args.output_dir) / "checkpoint.pth").exists():
+            # a requeued or resubmitted run continues itself (also one that started with --finetune_from)
+            args.resume, args.finetune_from = "auto", ""
+        elif args.finetune_from:
+            args.resume = ""
+        elif not args.resume:
             args.resume = "auto"
         print(f"submitit job {env.job_id} task {env.global_rank}/{env.num_tasks} on {env.hostname}: "
               f"main.py {' '.join(self.argv)} (resume {args.resume})", flush=True)

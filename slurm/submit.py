@@ -5,7 +5,8 @@
 
 Every flag of main.py is accepted (main's parser is the parent); the job always resumes with
 ``--resume auto`` from <output_dir>/checkpoint.pth. submitit's pickles and logs go to --job_dir
-(default <output_dir>/submitit).
+(default <output_dir>/submitit). A run that is finished (finished.json for its --epochs) or live (a job
+trains it now) is not submitted again; the launcher says which.
 """
 import argparse
 import shlex
@@ -19,6 +20,7 @@ import main  # noqa: E402
 from experiments.sweeps import check_portable  # noqa: E402
 from slurm.common import (Trainer, add_slurm_args, check_slurm_args, make_executor, set_flag,  # noqa: E402
                           slurm_flag_names)
+from util import run_folder  # noqa: E402
 from util.errors import UserError  # noqa: E402
 
 
@@ -52,6 +54,10 @@ def submit(argv):
     except UserError as exc:
         parser.error(str(exc))
     output_dir = Path(args.output_dir).resolve()
+    status, line = run_folder.status(output_dir, args.epochs, args.owner_timeout)
+    if status in (run_folder.STATUS_FINISHED, run_folder.STATUS_LIVE):
+        print(f"skip ({'finished' if status == run_folder.STATUS_FINISHED else 'live'}): {line}")
+        return None
     run_argv = set_flag(main_argv(argv), "--output_dir", output_dir)
     job_dir = Path(args.job_dir).resolve() if args.job_dir else output_dir / "submitit"
     executor = make_executor(args, job_dir)

@@ -10,8 +10,9 @@ main.py flags after '--' are added to every run (after the sweep file's own flag
 --seeds K... runs every run once per seed into <root>/<name>/seed<K> (replacing the file's 'seeds:' line);
 --only takes a run line's name (all its seeds) or '<name>/seed<K>'.
 
-Runs whose <root>/<name>/finished.json exists are skipped; the others (new or interrupted) are
-submitted with --resume auto, so submitting the same sweep again continues where it stopped.
+Runs that are finished (<root>/<name>/finished.json for their --epochs) or live (a job trains them now) are
+skipped, saying which; the others (new or interrupted) are submitted with --resume auto, so submitting the
+same sweep again, also while some of its jobs still run, continues where it stopped.
 submitit's pickles and logs go to --job_dir (default <root>/submitit).
 """
 import argparse
@@ -24,7 +25,10 @@ if __package__ in (None, ""):
 
 from experiments.sweeps import SEED_FLAG, Run, read_sweep, select, validate  # noqa: E402
 from slurm.common import Trainer, add_slurm_args, check_slurm_args, make_executor  # noqa: E402
+from util import run_folder  # noqa: E402
 from util.errors import UserError  # noqa: E402
+
+SKIPPED = {run_folder.STATUS_FINISHED: "finished", run_folder.STATUS_LIVE: "live"}
 
 
 def get_parser():
@@ -41,19 +45,19 @@ def get_parser():
 
 
 def plan(args, extra=()):
-    """[(run, argv for main.py, finished?)] for the selected runs, in index order; ``extra`` main.py flags
-    are appended to every run (validated with it)."""
+    """[(run, argv for main.py, status code, status line)] for the selected runs, in index order (status:
+    util.run_folder.status); ``extra`` main.py flags are appended to every run (validated with it)."""
     runs = read_sweep(args.sweep_file, seeds=args.seeds)
     if any(run.seed is not None for run in runs) and any(f.split("=", 1)[0] == SEED_FLAG for f in extra):
         raise UserError(f"{SEED_FLAG} after '--' would override the seed of every run; the seeds come from "
                         f"--seeds or the sweep file's seeds: line")
     runs = [Run(run.name, run.argv + list(extra), run.line, run.base, run.seed) for run in runs]
-    for run in runs:
-        validate(run, args.sweep_file)
+    parsed = {run.name: validate(run, args.sweep_file) for run in runs}
     if args.only:
         runs = select(runs, args.only, args.sweep_file)
     root = Path(args.root).resolve()
-    return [(run, run.command_argv(root) + ["--resume", "auto"], (root / run.name / "finished.json").exists())
+    return [(run, run.command_argv(root) + ["--resume", "auto"],
+             *run_folder.status(root / run.name, parsed[run.name].epochs, parsed[run.name].owner_timeout))
             for run in runs]
 
 
@@ -69,16 +73,16 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         return 2
     pending = []
-    for run, run_argv, finished in todo:
-        if finished:
-            print(f"skip (finished): {run.name}")
+    for run, run_argv, status, line in todo:
+        if status in SKIPPED:
+            print(f"skip ({SKIPPED[status]}): {run.name}: {line}")
         elif args.dry_run:
             print(shlex.join(["python", "main.py", *run_argv]))
         else:
             pending.append((run, run_argv))
     if args.dry_run or not pending:
         if not args.dry_run:
-            print("nothing to submit: every selected run is finished")
+            print("nothing to submit: every selected run is finished or live")
         return 0
     job_dir = Path(args.job_dir).resolve() if args.job_dir else Path(args.root).resolve() / "submitit"
     executor = make_executor(args, job_dir)

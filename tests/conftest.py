@@ -1,5 +1,9 @@
-"""Shared test setup: the repo root on sys.path (imports are top-level packages) and tiny model configurations."""
+"""Shared test setup: the repo root on sys.path (imports are top-level packages), a private home folder, and tiny
+model configurations."""
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,9 +13,26 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+_HOME = []
+
+
 def pytest_configure(config):
     # tests/test_slurm.py marks its module; registered here so `-m "not slurm"` works without a warning
     config.addinivalue_line("markers", "slurm: needs a local Slurm cluster (tests/slurm_cluster.py)")
+    # Tests write only under temporary folders. Each test passes its own (--synthetic_root, --output_dir under
+    # tmp_path); as a guarantee, whatever still falls back to the home folder (the synthetic set's default
+    # cache, torch.hub, matplotlib's cache), here or in a subprocess or Slurm job, lands in a private home
+    # removed at the end.
+    home = tempfile.mkdtemp(prefix="smca-test-home-")
+    _HOME.append(home)
+    os.environ["HOME"] = home
+    for name in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "TORCH_HOME", "MPLCONFIGDIR"):
+        os.environ.pop(name, None)
+
+
+def pytest_unconfigure(config):
+    for home in _HOME:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 # a model small enough for CPU tests: every size differs from the others so a swapped dimension shows up
@@ -62,3 +83,28 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# main.py flags of a run that takes seconds on a CPU (the CLI tests of run folders and faults)
+TINY_CLI = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--dim_feedforward", "64",
+            "--enc_layers", "1", "--dec_layers", "2", "--nheads", "4", "--num_queries", "10", "--batch_size", "2",
+            "--synthetic_train_size", "8", "--synthetic_val_size", "4", "--synthetic_image_size", "64",
+            "--device", "cpu", "--num_workers", "0", "--max_iters_per_epoch", "2", "--eval_every", "100"]
+
+
+@pytest.fixture(scope="session")
+def cli_synthetic_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_run(tmp_path_factory, cli_synthetic_root):
+    """(folder, argv): a real 1-epoch run of TINY_CLI through main.py, evaluated at its end. Read only: tests that
+    change it work on a copy."""
+    from tests.cli import run_main
+
+    folder = tmp_path_factory.mktemp("finished") / "run"
+    argv = [*TINY_CLI, "--synthetic_root", cli_synthetic_root, "--epochs", "1", "--output_dir", str(folder)]
+    result = run_main(argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder, argv

@@ -239,7 +239,8 @@ def test_main_eval_uses_the_coco_backend_flag(tmp_path):
             "--hidden_dim", "32", "--dim_feedforward", "64", "--enc_layers", "1", "--dec_layers", "1", "--nheads", "4",
             "--num_queries", "10", "--batch_size", "2", "--synthetic_train_size", "2", "--synthetic_val_size", "4",
             "--synthetic_image_size", "64", "--synthetic_root", str(tmp_path / "data"), "--device", "cpu",
-            "--num_workers", "0", "--output_dir", str(tmp_path / "run"), "--coco_backend", "pycocotools"]
+            "--num_workers", "0", "--output_dir", str(tmp_path / "run"), "--eval_untrained", "--coco_backend",
+            "pycocotools"]
     proc = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     (match,) = EVAL_LINE.finditer(proc.stdout)

@@ -94,7 +94,7 @@ def test_missing_parts_name_the_flags(custom):
     (["--coco_path", "c", "--voc_path", "v"], "--voc_path and --coco_path name two datasets"),
     (["--voc_classes", "a,b"], "--voc_classes needs --dataset_file voc"),
     (["--dataset_file", "coco", "--synthetic_format", "voc"], "--synthetic_format voc needs --dataset_file synthetic"),
-    (["--mosaic", "1.5"], "--mosaic is a probability"),
+    (["--mosaic", "1.5"], "argument --mosaic: must be a finite number in [0, 1], got '1.5'"),
     (["--fixed_size", "800y1333"], "expected N or HxW"),
 ])
 def test_dataset_flag_combinations_fail_at_parse_time(argv, message, capsys):

@@ -45,7 +45,7 @@ def test_missing_panoptic_json_and_pngs_are_named(tmp_path):
     root = tmp_path / "panoptic"
     (root / "annotations").mkdir(parents=True)
     (tmp_path / "coco" / "val2017").mkdir(parents=True)
-    common = ["--eval", "--masks", "--dataset_file", "coco_panoptic", "--coco_path", str(tmp_path / "coco"),
+    common = ["--eval", "--eval_untrained", "--masks", "--dataset_file", "coco_panoptic", "--coco_path", str(tmp_path / "coco"),
               "--coco_panoptic_path", str(root), *TINY]
     result = run_cli(common, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -5,19 +5,15 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import main
 from models import build_model
+from tests.cli import Watched, run_main
 from util.preemption import REQUEUE_EXIT_CODE
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--dim_feedforward", "64",
         "--enc_layers", "1", "--dec_layers", "1", "--nheads", "4", "--num_queries", "10", "--batch_size", "2",
         "--synthetic_val_size", "4", "--synthetic_image_size", "64", "--device", "cpu", "--num_workers", "0"]
@@ -28,31 +24,24 @@ def synthetic_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("synthetic"))
 
 
-def run_cli(argv, timeout=300):
-    return subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def run_cli(argv):
+    return run_main(argv)
 
 
 def test_preemption_signal_saves_and_resume_continues(tmp_path, synthetic_root):
     out = tmp_path / "run"
     argv = [*TINY, "--synthetic_root", synthetic_root, "--synthetic_train_size", "40", "--epochs", "2",
             "--output_dir", str(out), "--log_every", "1", "--eval_every", "100", "--resume", "auto"]
-    proc = subprocess.Popen([sys.executable, "main.py", *argv], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines = []
+    proc = Watched.main(argv)
     try:
-        deadline = time.time() + 240
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("Epoch: [0] [ 3/20]"):
-                proc.send_signal(signal.SIGUSR1)
-                break
-            assert time.time() < deadline, "".join(lines[-20:])
-        rest, _ = proc.communicate(timeout=240)
+        # the signal arrives mid-epoch, after a step is logged: waiting for that line, not for a time
+        proc.wait_for(lambda line: line.startswith("Epoch: [0] [ 3/20]"))
+        proc.proc.send_signal(signal.SIGUSR1)
+        code = proc.finish()
     finally:
         proc.kill()
-    output = "".join(lines) + rest
-    assert proc.returncode == REQUEUE_EXIT_CODE, output[-3000:]
+    output = proc.output
+    assert code == REQUEUE_EXIT_CODE, output[-3000:]
     assert "SIGUSR1: saved checkpoint at epoch 0" in output
     state = torch.load(out / "checkpoint.pth", weights_only=True)
     assert state["epoch"] == 0 and 4 <= state["iteration"] < 20

@@ -3,6 +3,7 @@ torchrun world sizes, submitit submission and requeue, sweep dry runs, and the s
 import json
 import re
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from experiments import sweeps
+from tests.cli import Watched
 from tests.slurm_cluster import _free_port, slurm_cluster  # noqa: F401  (session fixture)
 from util.errors import UserError
 
@@ -17,12 +19,29 @@ pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-WAIT_S = 300
-TINY = ["--dataset_file", "synthetic", "--synthetic_train_size", "8", "--synthetic_val_size", "4",
-        "--synthetic_image_size", "64", "--backbone", "resnet18", "--backbone_weights", "none",
-        "--hidden_dim", "32", "--dim_feedforward", "64", "--enc_layers", "1", "--dec_layers", "1", "--nheads", "2",
-        "--num_queries", "10", "--batch_size", "2", "--num_workers", "0", "--device", "cpu"]
-ONE_EPOCH = TINY + ["--epochs", "1", "--max_iters_per_epoch", "2"]
+# a cap on one job, far above its quiet-machine time (seconds to a minute): only a hang reaches it
+WAIT_S = 900
+TINY_FLAGS = ["--dataset_file", "synthetic", "--synthetic_train_size", "8", "--synthetic_val_size", "4",
+              "--synthetic_image_size", "64", "--backbone", "resnet18", "--backbone_weights", "none",
+              "--hidden_dim", "32", "--dim_feedforward", "64", "--enc_layers", "1", "--dec_layers", "1", "--nheads",
+              "2", "--num_queries", "10", "--batch_size", "2", "--num_workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    """Every job's synthetic set goes here (never into the default cache under ~)."""
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="module")
+def tiny_flags(synthetic_root):
+    return TINY_FLAGS + ["--synthetic_root", synthetic_root]
+
+
+@pytest.fixture(scope="module")
+def one_epoch_flags(tiny_flags):
+    return tiny_flags + ["--epochs", "1", "--max_iters_per_epoch", "2"]
+
 # CPU-node overrides of the 4-GPU #SBATCH header of slurm/*.sbatch
 CPU_NODE = ["--partition=debug", "--gres=none", "--ntasks-per-node=1", "--cpus-per-task=1"]
 SMCA_TABLE = REPO / "experiments" / "smca_table.sweep"
@@ -38,14 +57,14 @@ def run_files(run_dir):
 
 # ------------------------------------------------------------------------------ sbatch sweep array
 
-def test_sweep_array_trains_every_run_and_resubmission_skips_finished(slurm_cluster, tmp_path):
+def test_sweep_array_trains_every_run_and_resubmission_skips_finished(slurm_cluster, tmp_path, synthetic_root):
     root, logs = tmp_path / "runs", tmp_path / "logs"
     logs.mkdir()
     smoke = REPO / "experiments" / "synthetic_smoke.sweep"
     names = [run.name for run in sweeps.read_sweep(smoke, check=False)]
     assert len(names) == 2
     submit = ["--array=0-1", *CPU_NODE, f"--output={logs}/slurm-%A_%a.out",
-              "slurm/sweep.sbatch", str(smoke), str(root)]
+              "slurm/sweep.sbatch", str(smoke), str(root), "--synthetic_root", synthetic_root]
 
     job = slurm_cluster.sbatch(submit, cwd=REPO, env={"PYTHON": PY})
     jobs = slurm_cluster.wait_job(job, WAIT_S)
@@ -65,15 +84,15 @@ def test_sweep_array_trains_every_run_and_resubmission_skips_finished(slurm_clus
     assert [j["JobState"] for j in jobs] == ["COMPLETED"] * 2
     for i, name in enumerate(names):
         text = (logs / f"slurm-{again}_{i}.out").read_text()
-        assert text.strip() == f"skip (finished): {name} ({root}/{name}/finished.json exists)"
+        assert text.strip() == f"skip (finished): {name}: {root}/{name} finished 1 epoch (finished.json)"
         assert run_files(root / name) == before[name]  # same files, same mtimes
 
 
 # ------------------------------------------------------------------------------ srun / torchrun
 
-def test_srun_two_tasks_train_with_world_size_two(slurm_cluster, tmp_path):
+def test_srun_two_tasks_train_with_world_size_two(slurm_cluster, tmp_path, one_epoch_flags):
     out = tmp_path / "run"
-    proc = slurm_cluster.run(["srun", "-n", "2", "--kill-on-bad-exit=1", PY, "main.py", *ONE_EPOCH,
+    proc = slurm_cluster.run(["srun", "-n", "2", "--kill-on-bad-exit=1", PY, "main.py", *one_epoch_flags,
                               "--output_dir", str(out)], cwd=REPO, timeout=WAIT_S)
     text = proc.stdout + proc.stderr
     # each rank announces itself once before print() is silenced; afterwards only rank 0 prints
@@ -86,11 +105,11 @@ def test_srun_two_tasks_train_with_world_size_two(slurm_cluster, tmp_path):
     assert (out / "finished.json").exists()
 
 
-def test_torchrun_inside_single_srun_task_gets_torchruns_world_size(slurm_cluster, tmp_path):
+def test_torchrun_inside_single_srun_task_gets_torchruns_world_size(slurm_cluster, tmp_path, one_epoch_flags):
     out = tmp_path / "run"
     port = str(_free_port())
     proc = slurm_cluster.run(["srun", "-n", "1", "-c", "2", PY, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                              f"--master_port={port}", "main.py", *ONE_EPOCH, "--output_dir", str(out)],
+                              f"--master_port={port}", "main.py", *one_epoch_flags, "--output_dir", str(out)],
                              cwd=REPO, timeout=WAIT_S)
     text = proc.stdout + proc.stderr
     assert "| distributed init (rank 0/2, local 0, gloo): env://" in text
@@ -102,17 +121,17 @@ def test_torchrun_inside_single_srun_task_gets_torchruns_world_size(slurm_cluste
 # ------------------------------------------------------------------------------ submitit
 
 def _submit(slurm_cluster, flags):
-    proc = slurm_cluster.run([PY, "slurm/submit.py", *flags], cwd=REPO, timeout=120)
+    proc = slurm_cluster.run([PY, "slurm/submit.py", *flags], cwd=REPO, timeout=WAIT_S)
     job_id = re.search(r"^submitted job (\d+):", proc.stdout, re.M).group(1)
     stdout = Path(re.search(r"^stdout: (\S+)$", proc.stdout, re.M).group(1))
     return job_id, stdout
 
 
-def test_submitit_two_tasks_per_node_on_gpu_partition(slurm_cluster, tmp_path):
+def test_submitit_two_tasks_per_node_on_gpu_partition(slurm_cluster, tmp_path, one_epoch_flags):
     # gpu4's node advertises gpu:4 without devices: 2 "GPUs" -> 2 tasks, trained on CPU with gloo
     out = tmp_path / "run"
     job_id, stdout = _submit(slurm_cluster, ["--partition", "gpu4", "--ngpus", "2", "--cpus_per_task", "1",
-                                             "--timeout", "10", *ONE_EPOCH, "--output_dir", str(out)])
+                                             "--timeout", "10", *one_epoch_flags, "--output_dir", str(out)])
     job = slurm_cluster.wait_job(job_id, WAIT_S)[0]
     text = stdout.read_text()
     assert job["JobState"] == "COMPLETED", text
@@ -134,10 +153,10 @@ def _wait_for_epochs(slurm_cluster, job_id, run_dir, n):
     return logged_epochs(run_dir)
 
 
-def test_submitit_job_preempted_mid_run_is_requeued_and_resumes(slurm_cluster, tmp_path):
+def test_submitit_job_preempted_mid_run_is_requeued_and_resumes(slurm_cluster, tmp_path, tiny_flags):
     out = tmp_path / "run"
     flags = ["--partition", "debug", "--ngpus", "0", "--cpus_per_task", "1", "--timeout", "10",
-             *TINY, "--epochs", "3", "--max_iters_per_epoch", "4", "--log_every", "1", "--output_dir", str(out)]
+             *tiny_flags, "--epochs", "3", "--max_iters_per_epoch", "4", "--log_every", "1", "--output_dir", str(out)]
     job_id, stdout = _submit(slurm_cluster, flags)
     assert _wait_for_epochs(slurm_cluster, job_id, out, 1) == [0]
     # submitit's preemption signal: its handler calls Trainer.checkpoint() and `scontrol requeue`s the job
@@ -147,7 +166,9 @@ def test_submitit_job_preempted_mid_run_is_requeued_and_resumes(slurm_cluster, t
     text = stdout.read_text()
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", text
     # (with a 10-minute limit submitit counts any stop as a timeout: it requeues either way)
-    assert "Caught signal SIGUSR2" in text and f"Requeued job {job_id}" in text
+    # Restarts == 1 above is the requeue; submitit's "Requeued job" line is not required: Slurm may end the job's
+    # processes, `scontrol requeue` itself included, before that line is written (seen on a loaded machine)
+    assert "Caught signal SIGUSR2" in text
     assert logged_epochs(out) == [0, 1, 2]  # every epoch logged exactly once
     assert (out / "finished.json").exists()
     assert text.count("world size: 1 (rank 0)") == 2  # started twice
@@ -156,9 +177,9 @@ def test_submitit_job_preempted_mid_run_is_requeued_and_resumes(slurm_cluster, t
     assert text.count("Epoch: [0] [0/4]") == 1  # epoch 0 was not trained again
 
 
-def test_train_sbatch_usr1_checkpoints_requeues_and_resumes_mid_epoch(slurm_cluster, tmp_path):
+def test_train_sbatch_usr1_checkpoints_requeues_and_resumes_mid_epoch(slurm_cluster, tmp_path, tiny_flags):
     out, log = tmp_path / "run", tmp_path / "train.out"
-    job_id = slurm_cluster.sbatch([*CPU_NODE, f"--output={log}", "slurm/train.sbatch", *TINY, "--epochs", "2",
+    job_id = slurm_cluster.sbatch([*CPU_NODE, f"--output={log}", "slurm/train.sbatch", *tiny_flags, "--epochs", "2",
                                    "--max_iters_per_epoch", "4", "--log_every", "1", "--output_dir", str(out)],
                                   cwd=REPO, env={"PYTHON": PY})
     assert _wait_for_epochs(slurm_cluster, job_id, out, 1) == [0]
@@ -174,6 +195,142 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes_mid_epoch(slurm_clus
     assert len(saved) == 1 and resumed == saved, text
     assert logged_epochs(out) == [0, 1] and (out / "finished.json").exists()
     assert f"job {job_id} (restart 1)" in text
+
+
+# ------------------------------------------------------------------------------ run ownership under Slurm
+
+HOLD_LEASE = """
+import sys
+from util import lease
+held = lease.acquire(sys.argv[1])
+print("held", flush=True)
+sys.stdin.read()
+held.release()
+"""
+
+
+def _hold_lease(folder):
+    """A live process on this host owning ``folder`` until its stdin is closed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = Watched([PY, "-c", HOLD_LEASE, str(folder)], stdin=subprocess.PIPE)
+    holder.wait_for(lambda line: line.startswith("held"))
+    return holder
+
+
+def _train_steps(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return [e.step for e in acc.Scalars("train/loss")]
+
+
+def test_sweep_array_resubmitted_while_running_skips_the_live_run(slurm_cluster, tmp_path, synthetic_root):
+    root, logs = tmp_path / "runs", tmp_path / "logs"
+    logs.mkdir()
+    smoke = REPO / "experiments" / "synthetic_smoke.sweep"
+    name = sweeps.read_sweep(smoke, check=False)[0].name
+    run_dir = root / name
+    submit = ["--array=0", *CPU_NODE, f"--output={logs}/slurm-%A_%a.out", "slurm/sweep.sbatch", str(smoke),
+              str(root), "--synthetic_root", synthetic_root, "--epochs", "3", "--max_iters_per_epoch", "4",
+              "--log_every", "1"]
+    first = slurm_cluster.sbatch(submit, cwd=REPO, env={"PYTHON": PY})
+    assert _wait_for_epochs(slurm_cluster, first, run_dir, 1) == [0]
+    # freeze the training processes: the run is live for as long as the resubmitted array needs
+    slurm_cluster.run(["scancel", "--signal=STOP", first])
+    try:
+        owner = json.loads((run_dir / ".owner.json").read_text())
+        assert owner["job"] == f"{first}_0"
+        again = slurm_cluster.sbatch(submit, cwd=REPO, env={"PYTHON": PY})
+        assert [j["JobState"] for j in slurm_cluster.wait_job(again, WAIT_S)] == ["COMPLETED"]
+    finally:
+        slurm_cluster.run(["scancel", "--signal=CONT", first])
+    # the last line: a one-task array of a two-run sweep also warns that the array is short (on stderr, same file)
+    text = (logs / f"slurm-{again}_0.out").read_text().strip().splitlines()[-1]
+    pid = owner["pid"]
+    assert re.fullmatch(rf"skip \(live\): {name}: {run_dir} is in use by another run \(host \S+, pid {pid}, Slurm job "
+                        rf"{first}_0, since \S+; pid {pid} is running on this host \(its heartbeat is \d+ s old\)\)",
+                        text), text
+    jobs = slurm_cluster.wait_job(first, WAIT_S)
+    assert [j["JobState"] for j in jobs] == ["COMPLETED"], (logs / f"slurm-{first}_0.out").read_text()
+    # the first array trained alone: every epoch logged once, every step once, none lost
+    assert logged_epochs(run_dir) == [0, 1, 2]
+    assert _train_steps(run_dir) == list(range(1, 13))
+    assert json.loads((run_dir / "finished.json").read_text())["epochs"] == 3
+
+
+def test_train_sbatch_skips_a_finished_run_and_a_live_one(slurm_cluster, tmp_path, tiny_flags):
+    finished, live, log = tmp_path / "finished", tmp_path / "live", tmp_path / "train-%j.out"
+    finished.mkdir()
+    (finished / "finished.json").write_text('{"epochs": 2, "metrics": {}}')
+    holder = _hold_lease(live)
+    try:
+        jobs = {out: slurm_cluster.sbatch([*CPU_NODE, f"--output={log}", "slurm/train.sbatch", *tiny_flags, "--epochs",
+                                           "2", "--output_dir", str(out)], cwd=REPO, env={"PYTHON": PY})
+                for out in (finished, live)}
+        for job in jobs.values():
+            assert slurm_cluster.wait_job(job, WAIT_S)[0]["JobState"] == "COMPLETED"
+    finally:
+        holder.proc.stdin.close()
+        holder.finish()
+    text = (tmp_path / f"train-{jobs[finished]}.out").read_text()
+    assert text == f"skip (finished): {finished} finished 2 epochs (finished.json)\n"
+    text = (tmp_path / f"train-{jobs[live]}.out").read_text()
+    assert re.fullmatch(rf"skip \(live\): {live} is in use by another run \(host \S+, pid {holder.pid}, since \S+; "
+                        rf"pid {holder.pid} is running on this host \(its heartbeat is \d+ s old\)\)\n", text), text
+    assert sorted(p.name for p in finished.iterdir()) == ["finished.json"]
+
+
+def test_every_rank_of_a_refused_run_exits_2_before_writing(slurm_cluster, tmp_path, one_epoch_flags):
+    out = tmp_path / "run"
+    holder = _hold_lease(out)
+    try:
+        # no --kill-on-bad-exit: each rank must stop by itself (rank 0 decides, the decision is broadcast)
+        proc = slurm_cluster.run(["srun", "-n", "2", PY, "main.py", *one_epoch_flags, "--output_dir", str(out)],
+                                 cwd=REPO, check=False, timeout=WAIT_S)
+        assert sorted(p.name for p in out.iterdir()) == [".owner.json"]  # the holder's, nothing else
+    finally:
+        holder.proc.stdin.close()
+        holder.finish()
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: --output_dir {out} is in use by another run (host ")
+    assert f"pid {holder.pid}," in errors[0]
+    # srun reports the two tasks on one line ("tasks 0-1") or on two, depending on when each exited
+    assert re.search(r"srun: error: \S+: tasks 0-1: Exited with exit code 2", proc.stderr) or all(
+        re.search(rf"srun: error: \S+: task {t}: Exited with exit code 2", proc.stderr) for t in (0, 1)), proc.stderr
+
+
+def test_owner_on_another_host_is_judged_by_its_slurm_job(slurm_cluster, tmp_path):
+    """From another host only Slurm (or the heartbeat timeout) can tell: a job that ended frees the folder."""
+    ended = slurm_cluster.sbatch([*CPU_NODE, "--wrap", "true", f"--output={tmp_path}/true.out"])
+    assert slurm_cluster.wait_job(ended, WAIT_S)[0]["JobState"] == "COMPLETED"
+    running = slurm_cluster.sbatch([*CPU_NODE, "--wrap", "sleep 600", f"--output={tmp_path}/sleep.out"])
+    slurm_cluster.wait_state(running, {"RUNNING"}, WAIT_S)
+    try:
+        # a running job's owner counts as live until its heartbeat times out (the process may still run)
+        for job, code, said in ((ended, 0, f"is dead: its Slurm job {ended} is COMPLETED)"),
+                                (running, 4, f"Slurm job {running}, since 2030-01-01T00:00:00+00:00; its heartbeat is ")):
+            folder = tmp_path / f"run-{job}"
+            folder.mkdir()
+            (folder / ".owner.json").write_text(json.dumps({
+                "host": "othernode", "pid": 4242, "boot_id": "x", "pid_ns": "y", "slurm_job_id": job, "job": job,
+                "restart": 0, "cluster": "smcatest", "since": "2030-01-01T00:00:00+00:00", "token": f"t{job}"}))
+            proc = slurm_cluster.run([PY, "-m", "util.run_folder", "status", str(folder)], cwd=REPO, check=False,
+                                     timeout=WAIT_S)
+            assert proc.returncode == code and said in proc.stdout, proc.stdout + proc.stderr
+    finally:
+        slurm_cluster.run(["scancel", running], check=False)
+
+
+def test_submit_py_does_not_resubmit_a_finished_run(tmp_path, tiny_flags):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "finished.json").write_text('{"epochs": 1, "metrics": {}}')
+    proc = subprocess.run([PY, "slurm/submit.py", "--ngpus", "0", *tiny_flags, "--epochs", "1", "--output_dir",
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=WAIT_S)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"skip (finished): {out} finished 1 epoch (finished.json)\n"
+    assert sorted(p.name for p in out.iterdir()) == ["finished.json"]  # no submitit folder: nothing submitted
 
 
 # ------------------------------------------------------------------------------ slurm/sweep.py
@@ -193,9 +350,7 @@ TABLE_COMMON = "--dataset_file coco --num_queries 300 --lr_drop 40 --epochs 50 -
 
 
 def _sweep_py(*args):
-    import subprocess
-
-    return subprocess.run([PY, "slurm/sweep.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run([PY, "slurm/sweep.py", *args], cwd=REPO, capture_output=True, text=True, timeout=WAIT_S)
 
 
 def test_sweep_dry_run_prints_every_command_and_only_filters(tmp_path):
@@ -206,25 +361,40 @@ def test_sweep_dry_run_prints_every_command_and_only_filters(tmp_path):
                 for name, flags in TABLE]
     assert proc.stdout.splitlines() == expected
 
-    only = [TABLE[0][0], TABLE[8][0]]
+    only = [TABLE[0][0], TABLE[1][0], TABLE[8][0]]
     (root / TABLE[0][0]).mkdir(parents=True)
-    (root / TABLE[0][0] / "finished.json").write_text("{}")
-    proc = _sweep_py(str(SMCA_TABLE), "--root", str(root), "--dry_run", "--only", *only)
-    assert proc.stdout.splitlines() == [f"skip (finished): {TABLE[0][0]}", expected[8]]
+    (root / TABLE[0][0] / "finished.json").write_text('{"epochs": 50, "metrics": {}}')
+    live = _hold_lease(root / TABLE[1][0])
+    try:
+        proc = _sweep_py(str(SMCA_TABLE), "--root", str(root), "--dry_run", "--only", *only)
+    finally:
+        live.proc.stdin.close()
+        live.finish()
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"skip (finished): {TABLE[0][0]}: {root}/{TABLE[0][0]} finished 50 epochs (finished.json)"
+    assert re.fullmatch(rf"skip \(live\): {TABLE[1][0]}: {root}/{TABLE[1][0]} is in use by another run \(host \S+, "
+                        rf"pid {live.pid}, since \S+; pid {live.pid} is running on this host \(its heartbeat is \d+ s "
+                        rf"old\)\)", lines[1]), lines
+    assert lines[2:] == [expected[8]]
+    # extending a finished run (its sweep line asks for more epochs) is not skipped
+    (root / TABLE[0][0] / "finished.json").write_text('{"epochs": 40, "metrics": {}}')
+    proc = _sweep_py(str(SMCA_TABLE), "--root", str(root), "--dry_run", "--only", TABLE[0][0])
+    assert proc.stdout.splitlines() == [expected[0]]
 
     proc = _sweep_py(str(SMCA_TABLE), "--root", str(root), "--dry_run", "--only", "focal_300_typo")
     assert proc.returncode == 2 and "--only focal_300_typo: not in" in proc.stderr
 
 
-def test_sweep_py_submits_an_array_of_unfinished_runs(slurm_cluster, tmp_path):
+def test_sweep_py_submits_an_array_of_unfinished_runs(slurm_cluster, tmp_path, synthetic_root):
     root = tmp_path / "smoke"
     smoke = REPO / "experiments" / "synthetic_smoke.sweep"
     done, todo = [run.name for run in sweeps.read_sweep(smoke, check=False)]
     (root / done).mkdir(parents=True)
-    (root / done / "finished.json").write_text("{}")
+    (root / done / "finished.json").write_text('{"epochs": 1, "metrics": {}}')
     proc = slurm_cluster.run([PY, "slurm/sweep.py", str(smoke), "--root", str(root), "--partition", "debug",
-                              "--ngpus", "0", "--cpus_per_task", "1", "--timeout", "10"], cwd=REPO, timeout=120)
-    assert proc.stdout.splitlines()[0] == f"skip (finished): {done}"
+                              "--ngpus", "0", "--cpus_per_task", "1", "--timeout", "10", "--",
+                              "--synthetic_root", synthetic_root], cwd=REPO, timeout=WAIT_S)
+    assert proc.stdout.splitlines()[0] == f"skip (finished): {done}: {root / done} finished 1 epoch (finished.json)"
     job_id = re.search(rf"^submitted {todo}: job (\S+)  stdout (\S+)$", proc.stdout, re.M)
     assert job_id, proc.stdout
     job = slurm_cluster.wait_job(job_id.group(1), WAIT_S)[0]
@@ -267,7 +437,7 @@ def test_reader_common_first_run_flags_override_and_comments(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("a --epochs 2\nb --epoch 3\n", "t.sweep:2: run 'b': unrecognized arguments: --epoch 3"),
     ("a --dynamic_scale type9\n", "t.sweep:1: run 'a': argument --dynamic_scale: invalid choice: 'type9'"),
-    ("a --lr fast\n", "t.sweep:1: run 'a': argument --lr: invalid float value: 'fast'"),
+    ("a --lr fast\n", "t.sweep:1: run 'a': argument --lr: must be a finite number >= 0, got 'fast'"),
     ("a --head_mixture\n", "t.sweep:1: run 'a': --head_mixture mixes the spatial prior"),
     ("common: --bogus 1\na --lr 1\n", "t.sweep:1: run 'common': unrecognized arguments: --bogus 1"),
     ("a --lr 1\n\na --lr 2\n", "t.sweep:3: duplicate run name 'a' (first on line 1)"),
@@ -283,8 +453,6 @@ def test_reader_errors_name_file_line_and_flag(tmp_path, text, message):
 
 
 def test_reader_cli_list_count_line(tmp_path):
-    import subprocess
-
     path = _write(tmp_path, "common: --epochs 2\nx_1 --synthetic_root 'dir with space'\ny.2 --lr 3e-4\n")
 
     def cli(*args):

@@ -101,7 +101,8 @@ def test_sweep_py_dry_run_only_and_finished_with_seeds(tmp_path):
     (root / "type2" / "seed1").mkdir(parents=True)
     (root / "type2" / "seed1" / "finished.json").write_text("{}")
     proc = _sweep_py(path, "--root", str(root), "--dry_run", "--only", "type2", "detr/seed2")
-    assert proc.stdout.splitlines() == [commands[1], "skip (finished): type2/seed1", commands[4], commands[5]]
+    assert proc.stdout.splitlines() == [commands[1], f"skip (finished): type2/seed1: {root}/type2/seed1 is finished "
+                                                     f"(finished.json, without an epoch count)", commands[4], commands[5]]
 
     proc = _sweep_py(path, "--root", str(root), "--dry_run", "--seeds", "9", "--only", "detr")
     assert proc.stdout.splitlines() == [shlex.join(["python", "main.py", *expected([9])[0][1], "--output_dir",

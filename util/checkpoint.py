@@ -49,9 +49,11 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     Writes a temporary file in the same folder (same filesystem, so the rename is atomic), fsyncs it,
     ``os.replace``s it onto ``path`` and fsyncs the folder so the rename survives a node crash. On any
     exception, KeyboardInterrupt included, the temporary file is removed and ``path`` is untouched.
-    A filesystem error (read-only folder, full disk, quota) raises UserError naming ``path``.
+    A filesystem error (read-only folder, full disk, quota) raises UserError naming ``path``, also when
+    torch reports it as its own RuntimeError ("unexpected pos ..."): the failed write is recorded where
+    it happens, in the file object handed to torch.
     A process killed by SIGKILL mid-write can leave a ``.<name>.<pid>.<hex>.tmp`` file behind; it is
-    never read and is safe to delete.
+    never read, and ``leftover_temp_files`` finds it for removal at the run's next start.
     """
     path = os.path.abspath(os.path.expanduser(path))
     folder, name = os.path.split(path)
@@ -61,22 +63,98 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
         # (tempfile.mkstemp would make checkpoints private to their owner).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as e:
-        raise UserError(f'could not write checkpoint {path} ({_os_reason(e)})') from e
+        raise _write_error(path, e) from e
+    writer = _RecordingWriter(os.fdopen(fd, 'wb'))
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with writer.file:
+            torch.save(obj, writer)
+            writer.file.flush()
+            os.fsync(writer.file.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         try:
             os.remove(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(e, OSError):
-            raise UserError(f'could not write checkpoint {path} ({_os_reason(e)})') from e
+        failure = e if isinstance(e, OSError) else writer.error
+        if failure is not None and not isinstance(e, KeyboardInterrupt):
+            raise _write_error(path, failure) from e
         raise
     _fsync_dir(folder)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, what: str = 'file') -> None:
+    """Write a small text file (config.json, finished.json, a rewritten log.txt) the way ``atomic_save``
+    writes a checkpoint: the old content or the new, never a torn file; OSError -> UserError naming it."""
+    path = os.path.abspath(os.path.expanduser(path))
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f'.{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+    try:
+        with open(tmp, 'w') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise UserError(f'could not write {what} {path} ({_os_reason(e)}); its previous content, if any, is '
+                        f'unchanged: free space or choose another --output_dir') from e
+
+
+def append_line(path: str | os.PathLike, line: str, what: str = 'file') -> None:
+    """Append one line (log.txt); OSError -> UserError naming the file. A line torn by a full disk is
+    dropped when the run resumes (main._truncate_log)."""
+    try:
+        with open(path, 'a') as f:
+            f.write(line + '\n')
+    except OSError as e:
+        raise UserError(f'could not write {what} {path} ({_os_reason(e)}); free space or choose another '
+                        f'--output_dir, then resume with --resume auto') from e
+
+
+class _RecordingWriter:
+    """The file object torch.save writes to; keeps the OSError of a failed write, which torch replaces by
+    a RuntimeError of its own."""
+
+    def __init__(self, file):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def _write_error(path: str, e: OSError) -> UserError:
+    return UserError(f'could not write checkpoint {path} ({_os_reason(e)}); the previous {os.path.basename(path)}, '
+                     f'if any, is unchanged: free space or choose another --output_dir, then resume with '
+                     f'--resume auto')
+
+
+_TMP_RE = re.compile(r'^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$')
+
+
+def leftover_temp_files(folder: str | os.PathLike) -> list[str]:
+    """The temporary files of ``atomic_save`` calls in ``folder`` that never finished (killed mid-write).
+    Only safe to remove while no other process saves into the folder (the run owns it)."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.join(folder, n) for n in names if _TMP_RE.match(n))
 
 
 def load_checkpoint(path_or_url: str, trust: bool = False) -> dict:

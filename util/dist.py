@@ -38,6 +38,24 @@ def all_gather(obj) -> list:
     return gathered
 
 
+def broadcast_object(obj, src: int = 0):
+    """``obj`` of rank ``src`` on every rank (any picklable object); ``obj`` itself without a process group."""
+    if get_world_size() == 1:
+        return obj
+    objects = [obj]
+    dist.broadcast_object_list(objects, src=src)
+    return objects[0]
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when ``flag`` is true on any rank (an all-reduce; ``device`` suits the backend)."""
+    if get_world_size() == 1:
+        return bool(flag)
+    value = torch.tensor([int(bool(flag))], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def reduce_dict(values: dict, average: bool = True) -> dict:
     """All-reduce a dict of scalar tensors so every rank sees the same (mean) values."""
     world_size = get_world_size()

@@ -31,6 +31,8 @@ from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from util.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -98,11 +100,17 @@ def drop_events_after(output_dir: str, iteration: int) -> int:
             continue
         # The temporary name must not contain 'tfevents', or TensorBoard would read it as a second file.
         tmp_path = os.path.join(output_dir, ".tb_rewrite.tmp")
-        with open(tmp_path, "wb") as f:
-            writer = RecordWriter(f)
-            for record in kept:
-                writer.write(record)
-        os.replace(tmp_path, path)
+        try:
+            with open(tmp_path, "wb") as f:
+                writer = RecordWriter(f)
+                for record in kept:
+                    writer.write(record)
+            os.replace(tmp_path, path)
+        except OSError as e:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+            raise UserError(f"could not rewrite {path} ({e.strerror or e}); it is unchanged: free space or "
+                            f"choose another --output_dir, then resume with --resume auto") from e
         dropped_total += dropped
     return dropped_total
 

@@ -1,0 +1,100 @@
+"""main.py as a real subprocess for the tests: watch its output line by line and wait for events (a line, an
+exit) with caps far above the quiet-machine time, so a loaded machine slows the tests down but never fails them."""
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Caps on waiting for one event. A tiny run takes seconds on a quiet machine; a 2-core machine running other
+# work was seen 10x slower, so the caps are minutes (they only matter when something hangs).
+CAP_S = 900
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run_main(argv, cap_s: float = CAP_S, **kwargs) -> subprocess.CompletedProcess:
+    """main.py to the end: CompletedProcess with text stdout/stderr."""
+    return subprocess.run([sys.executable, "main.py", *map(str, argv)], cwd=REPO, capture_output=True, text=True,
+                          timeout=cap_s, env=kwargs.pop("env", env()), **kwargs)
+
+
+class Watched:
+    """A started subprocess whose merged stdout/stderr is read by a thread, so waiting never blocks on a
+    process that went quiet."""
+
+    def __init__(self, cmd, **kwargs):
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     **{"cwd": REPO, "env": env(), **kwargs})
+        self.lines: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def main(cls, argv, **kwargs) -> "Watched":
+        return cls([sys.executable, "main.py", *map(str, argv)], **kwargs)
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def output(self) -> str:
+        self._drain()
+        return "".join(self.lines)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if line is not None:
+                self.lines.append(line)
+
+    def wait_for(self, predicate, cap_s: float = CAP_S) -> str:
+        """The first line (from the start of the output) for which ``predicate(line)`` holds; AssertionError
+        with the output's tail if the process ends first or the cap passes."""
+        for line in self.lines:
+            if predicate(line):
+                return line
+        deadline = time.monotonic() + cap_s
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if line is None:
+                self._queue.put(None)
+                break
+            self.lines.append(line)
+            if predicate(line):
+                return line
+        raise AssertionError(f"no such line (exit code {self.proc.poll()}):\n{''.join(self.lines)[-4000:]}")
+
+    def finish(self, cap_s: float = CAP_S) -> int:
+        """Wait for the exit; returns the exit code (the output is in ``output``)."""
+        try:
+            code = self.proc.wait(timeout=cap_s)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        self._reader.join(timeout=60)
+        self._drain()
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
