@@ -147,8 +147,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bbox_loss_coef", default=5.0, type=NONNEGATIVE)
     parser.add_argument("--giou_loss_coef", default=2.0, type=NONNEGATIVE)
     parser.add_argument("--eos_coef", default=0.1, type=NONNEGATIVE, help="no-object class weight (ce)")
-    parser.add_argument("--mask_loss_coef", default=1.0, type=NONNEGATIVE, help="--masks: weight of the mask focal loss")
-    parser.add_argument("--dice_loss_coef", default=1.0, type=NONNEGATIVE, help="--masks: weight of the mask DICE loss")
+    parser.add_argument("--mask_loss_coef", default=1.0, type=NONNEGATIVE,
+                        help="--masks: weight of the mask focal loss")
+    parser.add_argument("--dice_loss_coef", default=1.0, type=NONNEGATIVE,
+                        help="--masks: weight of the mask DICE loss")
 
     # evaluation
     parser.add_argument("--num_detections", default=None, type=int,

@@ -45,12 +45,13 @@ def test_missing_panoptic_json_and_pngs_are_named(tmp_path):
     root = tmp_path / "panoptic"
     (root / "annotations").mkdir(parents=True)
     (tmp_path / "coco" / "val2017").mkdir(parents=True)
-    common = ["--eval", "--eval_untrained", "--masks", "--dataset_file", "coco_panoptic", "--coco_path", str(tmp_path / "coco"),
-              "--coco_panoptic_path", str(root), *TINY]
+    common = ["--eval", "--eval_untrained", "--masks", "--dataset_file", "coco_panoptic",
+              "--coco_path", str(tmp_path / "coco"), "--coco_panoptic_path", str(root), *TINY]
     result = run_cli(common, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"panoptic annotation file {root}/annotations/panoptic_val2017.json not found" in result.stderr
-    (root / "annotations" / "panoptic_val2017.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    empty = {"images": [], "annotations": [], "categories": []}
+    (root / "annotations" / "panoptic_val2017.json").write_text(json.dumps(empty))
     result = run_cli(common, timeout=300)
     assert result.returncode == 2 and f"panoptic PNG folder {root}/panoptic_val2017 not found" in result.stderr
 
