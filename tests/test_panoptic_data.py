@@ -2,7 +2,6 @@
 the segment PNGs, masks through DETR's transforms, errors naming the missing file, and DETR's PostProcessSegm /
 PostProcessPanoptic rules on hand-made outputs."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from pycocotools import mask as mask_util
 import datasets
 import main
 from datasets import transforms as T
-from datasets.coco_panoptic import CocoPanoptic, build_coco_panoptic, rgb2id
+from datasets.coco_panoptic import build_coco_panoptic, rgb2id
 from datasets.synthetic_panoptic import ID_STRIDE, MAX_THING_ID, STUFF, ensure_synthetic_panoptic
 from models.postprocess_segm import PostProcessPanoptic, PostProcessSegm
 from util.errors import UserError

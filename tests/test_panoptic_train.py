@@ -140,3 +140,19 @@ def test_a_short_run_that_memorises_two_images_reaches_pq_above_zero(tmp_path, c
     assert stats["PQ_all"]["pq"] > 0, stats["PQ_all"]
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("All       |"))
     assert float(row.split("|")[1].split()[0]) == pytest.approx(100 * stats["PQ_all"]["pq"], abs=0.05)
+
+
+def test_eval_of_a_masks_checkpoint_takes_masks_from_it(two_stage):
+    """--eval --resume of a --masks run without the flag: --masks comes from the checkpoint and the synthetic set
+    becomes its panoptic version; eval.json holds the same PQ as the training run's last log line."""
+    base, _, _ = two_stage
+    last = json.loads((base / "masks" / "log.txt").read_text().splitlines()[-1])
+    result = run_cli(["--eval", "--resume", str(base / "masks" / "checkpoint.pth"), "--synthetic_root",
+                      str(base / "data"), "--synthetic_train_size", "4", "--synthetic_val_size", "2",
+                      "--synthetic_image_size", "64", "--batch_size", "2", "--device", "cpu", "--num_workers", "0",
+                      "--output_dir", str(base / "eval")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "taking --masks from the checkpoint" in result.stdout
+    evaluated = json.loads((base / "eval" / "eval.json").read_text())
+    assert evaluated["PQ_all"] == pytest.approx(last["test_PQ_all"])
+    assert evaluated["coco_eval_masks"] == pytest.approx(last["test_coco_eval_masks"], abs=1e-9)
