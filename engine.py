@@ -11,11 +11,12 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from datasets.coco_eval import DEFAULT_BACKEND, CocoEvaluator
+from datasets.panoptic_eval import STATS_KEYS, PanopticEvaluator
 from datasets.voc_eval import VocEvaluator
 from util import dist
 from util.errors import UserError
 from util.misc import MetricLogger, PhaseTimer, SmoothedValue
-from util.tb import COCO_METRIC_NAMES
+from util.tb import COCO_METRIC_NAMES, panoptic_metrics
 
 # What the console shows per progress line; every meter still goes to TensorBoard and log.txt.
 LOSS_METERS = ("loss", "loss_ce", "loss_bbox", "loss_giou")
@@ -177,24 +178,35 @@ def _grad_norm(model: torch.nn.Module) -> float:
     return torch.stack(norms).norm().item() if norms else 0.0
 
 
+def coco_evaluator(base_ds, postprocessors: Dict, coco_backend: str = DEFAULT_BACKEND) -> CocoEvaluator:
+    """The COCO evaluator ``evaluate`` scores with: boxes, and masks where the post-processors make them."""
+    return CocoEvaluator(base_ds, ("bbox", "segm") if "segm" in postprocessors else ("bbox",), backend=coco_backend)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: Dict, data_loader: Iterable,
              base_ds, device: torch.device, amp: bool = False, log_every: int = 20,
              coco_backend: str = DEFAULT_BACKEND, voc_metric: bool = False,
              evaluator: Optional[CocoEvaluator] = None) -> Tuple[Dict, List[float]]:
     """Losses on the validation set and COCO bbox evaluation merged over all ranks; with ``voc_metric`` also
-    the Pascal VOC metric on the same detections (datasets/voc_eval.py).
+    the Pascal VOC metric on the same detections (datasets/voc_eval.py); with the post-processors 'segm' and
+    'panoptic' (--masks, models/postprocess_segm.py) also mask AP and PQ, as DETR.
 
     Returns (stats, coco_stats): stats has the averaged losses, 'coco_eval_bbox' (the 12 COCOeval numbers),
-    with ``voc_metric`` 'voc_mAP50_11point', 'voc_mAP50_area' and 'voc_AP50_per_class', and 'time_<phase>'
-    for each phase of EVAL_PHASES plus 'time_total' (seconds on this rank; the printed line says where the
-    time went); coco_stats is the list of 12. Pass an ``evaluator`` to read its merged detections afterwards.
+    with ``voc_metric`` 'voc_mAP50_11point', 'voc_mAP50_area' and 'voc_AP50_per_class', with 'segm'
+    'coco_eval_masks', with 'panoptic' 'PQ_all', 'PQ_th', 'PQ_st' ({'pq', 'sq', 'rq', 'n'}, DETR's keys), and
+    'time_<phase>' for each phase of EVAL_PHASES plus 'time_total' (seconds on this rank; the printed line says
+    where the time went); coco_stats is the bbox list of 12. Pass an ``evaluator`` (``coco_evaluator``) to read
+    its merged detections afterwards.
     """
     model.eval()
     criterion.eval()
     metric_logger = MetricLogger(delimiter="  ", show=EVAL_CONSOLE)
-    evaluator = evaluator if evaluator is not None else CocoEvaluator(base_ds, ("bbox",), backend=coco_backend)
+    if evaluator is None:
+        evaluator = coco_evaluator(base_ds, postprocessors, coco_backend)
     voc_evaluator = VocEvaluator(base_ds) if voc_metric else None
+    # PQ against the panoptic ground truth of the loader's dataset (DETR reads it from there too)
+    panoptic = PanopticEvaluator.from_dataset(data_loader.dataset) if "panoptic" in postprocessors else None
     timer = PhaseTimer(device)
     began = time.perf_counter()
     for batch, (samples, targets) in enumerate(metric_logger.log_every(data_loader, log_every, "Test:")):
@@ -218,16 +230,27 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
                                  class_error=loss_dict.get("class_error", torch.zeros(())))
         with timer("postprocess"):
             orig_sizes = torch.stack([t["orig_size"] for t in targets])
+            sizes = torch.stack([t["size"] for t in targets])
+            canvas = samples.tensors.shape[-2:]  # the padded batch the masks cover
             results = postprocessors["bbox"](outputs, orig_sizes)
+            if "segm" in postprocessors:
+                results = postprocessors["segm"](results, outputs, orig_sizes, sizes, canvas)
             per_image = {t["image_id"].item(): r for t, r in zip(targets, results)}
             evaluator.update(per_image)
             if voc_evaluator is not None:
                 voc_evaluator.update(per_image)
+            if panoptic is not None:
+                segmentations = postprocessors["panoptic"](outputs, sizes, orig_sizes, canvas)
+        if panoptic is not None:
+            with timer("scoring"):
+                panoptic.update({t["image_id"].item(): r for t, r in zip(targets, segmentations)})
     with timer("gather"):
         metric_logger.synchronize_between_processes()
         evaluator.synchronize_between_processes()
         if voc_evaluator is not None:
             voc_evaluator.synchronize_between_processes()
+        if panoptic is not None:
+            panoptic.synchronize_between_processes()
     print("Averaged stats:", metric_logger.averages())
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     with timer("scoring"):
@@ -235,6 +258,11 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
             stats.update(voc_evaluator.summarize())
         evaluator.accumulate()
         coco_stats = [float(x) for x in evaluator.summarize()]
+        if "segm" in evaluator.iou_types:
+            stats["coco_eval_masks"] = evaluator.stats_by_type["segm"]
+        if panoptic is not None:
+            results = panoptic.summarize()
+            stats.update({key: results[group] for group, key in STATS_KEYS.items()})
     stats["coco_eval_bbox"] = coco_stats
     stats.update({f"time_{phase}": timer.seconds[phase] for phase in EVAL_PHASES})
     stats["time_total"] = time.perf_counter() - began
@@ -252,10 +280,12 @@ def eval_time_line(stats: Dict, num_images: int, coco_backend: str) -> str:
 
 
 def final_metrics(test_stats: Dict) -> Dict[str, float]:
-    """The named COCO metrics of the last evaluation, and its VOC mAPs where measured (empty if none)."""
+    """The named COCO metrics of the last evaluation, its VOC mAPs where measured and PQ/SQ/RQ for panoptic runs
+    (empty if none)."""
     coco = test_stats.get("coco_eval_bbox") if test_stats else None
     metrics = dict(zip(COCO_METRIC_NAMES, coco)) if coco else {}
     metrics.update({k: test_stats[k] for k in VOC_MEAN_NAMES if test_stats and k in test_stats})
+    metrics.update(panoptic_metrics(test_stats or {}))
     return metrics
 
 

@@ -19,7 +19,7 @@ from datasets.class_names import default_class_names
 from models import build_detr, build_postprocessor, detr_kwargs
 from options import ARCH_FLAGS, get_args_parser, resolve_loss
 from util import run_config
-from util.checkpoint import load_checkpoint, load_model_weights
+from util.checkpoint import detector_weights, load_checkpoint, load_model_weights
 from util.errors import UserError
 from util.misc import nested_tensor_from_tensor_list
 
@@ -83,7 +83,8 @@ def load_detector(checkpoint: str, device: str = "cpu", trust: bool = False, che
 
     ``architecture``: main.py's architecture flags (options.ARCH_FLAGS), for what a checkpoint cannot tell:
     a value that contradicts the checkpoint is a UserError. A DETR file whose name contains 'dc5' is built
-    dilated. ``trust`` allows checkpoints that need full unpickling (main.py's --trust_checkpoint);
+    dilated. A segmentation checkpoint (``--masks``, DETR's panoptic files) gives its detector: boxes, no
+    masks. ``trust`` allows checkpoints that need full unpickling (main.py's --trust_checkpoint);
     ``check_hash`` and ``offline_hint`` are util.checkpoint.load_checkpoint's. Bad files raise UserError.
     """
     unknown = sorted(set(architecture) - set(ARCH_FLAGS))
@@ -105,8 +106,8 @@ def load_detector(checkpoint: str, device: str = "cpu", trust: bool = False, che
         if "dilation" not in architecture:
             args.dilation = "dc5" in os.path.basename(checkpoint).lower()
         run_config.infer_official_config(state, checkpoint, args, set(architecture))
-    if args.masks:
-        raise UserError(f"{checkpoint} is a DETR segmentation checkpoint (mask head); this fork detects boxes only")
+    if args.masks:  # a segmentation checkpoint: its detector draws the boxes, the mask head is not used
+        state, args.masks = detector_weights(state), False
     resolve_loss(args)
     if args.num_classes is None:
         raise UserError(f"{checkpoint} does not say its number of classes (no num_classes in its config, no "

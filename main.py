@@ -16,7 +16,6 @@ from torch.utils.data.distributed import DistributedSampler
 
 import datasets
 import engine
-from datasets.coco_eval import CocoEvaluator
 from models import build_model
 from options import (ablation_summary, check_args, format_config, get_args_parser,  # noqa: F401 (DETR's API)
                      resolve_args)
@@ -37,6 +36,15 @@ def _resume_path(args) -> str:
         raise UserError("--resume auto needs --output_dir (it resumes from <output_dir>/checkpoint.pth)")
     path = Path(args.output_dir) / "checkpoint.pth"
     return str(path) if path.exists() else ""
+
+
+def _adopt_architecture(args, explicit, checkpoint: dict, path: str, ignore=()) -> list:
+    """The architecture flags from a checkpoint's config, or inferred from an official DETR checkpoint's weights;
+    returns the messages to print."""
+    stored = checkpoint.get("config")
+    if stored:
+        return run_config.reconcile_config(args, explicit, stored, path, ignore) + run_config.dc5_batch_warning(args)
+    return run_config.infer_official_config(checkpoint["model"], path, args, explicit, ignore)
 
 
 def _param_groups(model, args):
@@ -217,17 +225,19 @@ def main(args, explicit=frozenset()):
 
 def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
     device = torch.device(args.device)
+    datasets.check_paths(args, ("val",) if args.eval else ("train", "val"))
     resume_path = _resume_path(args)
     checkpoint = ckpt.load_checkpoint(resume_path, trust=args.trust_checkpoint) if resume_path else None
     if args.eval and checkpoint is None and not args.finetune_from and not args.eval_untrained:
         raise UserError(f"--eval --resume auto: no checkpoint.pth in {args.output_dir} to evaluate; pass "
                         f"--resume PATH, or --eval_untrained to score the untrained model on purpose")
     if checkpoint is not None:
-        stored = checkpoint.get("config")
-        messages = (run_config.reconcile_config(args, explicit, stored, resume_path)
-                    + run_config.dc5_batch_warning(args) if stored
-                    else run_config.infer_official_config(checkpoint["model"], resume_path, args, explicit))
-        for message in messages:
+        for message in _adopt_architecture(args, explicit, checkpoint, resume_path):
+            print(message)
+    # DETR's second stage: the detector of a box checkpoint, frozen; --masks is what this run adds
+    frozen = ckpt.load_checkpoint(args.frozen_weights, trust=args.trust_checkpoint) if args.frozen_weights else None
+    if frozen is not None:
+        for message in _adopt_architecture(args, explicit, frozen, args.frozen_weights, ignore={"masks"}):
             print(message)
     resolve_args(args)
     config = run_config.config_to_dict(args)
@@ -235,10 +245,14 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
     print(ablation_summary(args))
 
     seed_everything(args.seed + dist.get_rank())
-    weights = "none" if (checkpoint is not None or args.finetune_from) else args.backbone_weights
-    model, criterion, postprocessors = build_model(args, backbone_weights=weights)
+    weights = "none" if (checkpoint is not None or frozen is not None or args.finetune_from) else args.backbone_weights
+    model, criterion, postprocessors = build_model(
+        args, backbone_weights=weights, stuff_ids=datasets.stuff_ids(args) if args.masks else None)
     model.to(device)
     model_without_ddp = model
+    if frozen is not None:
+        for line in ckpt.load_model_weights(model_without_ddp.detr, ckpt.detector_weights(frozen["model"])):
+            print(line)
     if args.finetune_from:
         source = ckpt.load_checkpoint(args.finetune_from, trust=args.trust_checkpoint)
         for line in ckpt.finetune_weights(model_without_ddp, source["model"]):
@@ -257,7 +271,7 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
     if args.eval:
         loader_val = DataLoader(dataset_val, batch_size=args.batch_size, collate_fn=_collate(args),
                                 num_workers=args.num_workers, sampler=_val_sampler(dataset_val))
-        evaluator = CocoEvaluator(base_ds, ("bbox",), backend=args.coco_backend)
+        evaluator = engine.coco_evaluator(base_ds, postprocessors, args.coco_backend)
         stats, _ = engine.evaluate(model, criterion, postprocessors, loader_val, base_ds, device, amp=args.amp,
                                    coco_backend=args.coco_backend, voc_metric=datasets.uses_voc_metric(dataset_val),
                                    evaluator=evaluator)
@@ -363,6 +377,8 @@ def train(trainer: Trainer, loaders: Loaders, diag_batch, base_ds, logger, preem
         if coco_stats is not None and voc_metric:
             logger.log_voc(epoch, test_stats)
         logger.log_epoch(epoch, result.stats, coco_stats, epoch_time)
+        if coco_stats is not None:
+            logger.log_segmentation(epoch, test_stats)
         trainer.save("checkpoint.pth", epoch, log_stats=log_stats, metrics=metrics)
         # keep a copy before each lr drop and every --save_every epochs (DETR)
         if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % args.save_every == 0:

@@ -15,6 +15,8 @@ import torch
 import datasets
 from datasets.coco_eval import COCO_BACKENDS
 from models import resolve_cls_loss
+from models.postprocess_segm import PANOPTIC_THRESHOLDS
+from models.segmentation import MASK_HEAD_NARROWING
 from util import lease, run_folder
 from util.errors import UserError
 
@@ -22,8 +24,9 @@ DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
 PRIOR_IMPLS = ("fused", "explicit")  # models/spatial_prior.py
 COCO_PATH_FLAGS = ("train_images", "train_ann", "val_images", "val_ann")
 # defaults that depend on the classification loss: (ce, focal); focal's are the research code's
-LOSS_DEFAULTS = {"ce": {"cls_loss_coef": 1.0, "set_cost_class": 1.0},
-                 "focal": {"cls_loss_coef": 2.0, "set_cost_class": 2.0}}
+LOSS_DEFAULTS = {"ce": {"cls_loss_coef": 1.0, "set_cost_class": 1.0, "panoptic_threshold": PANOPTIC_THRESHOLDS["ce"]},
+                 "focal": {"cls_loss_coef": 2.0, "set_cost_class": 2.0,
+                           "panoptic_threshold": PANOPTIC_THRESHOLDS["focal"]}}
 
 
 def architecture(action: argparse.Action) -> argparse.Action:
@@ -96,7 +99,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr_drop", default=200, type=int)
     parser.add_argument("--clip_max_norm", default=0.1, type=NONNEGATIVE, help="gradient clipping max norm (0: off)")
     parser.add_argument("--frozen_weights", type=str, default=None,
-                        help="DETR's segmentation-only flag; not supported by this fork")
+                        help="with --masks: a box checkpoint (path or URL) whose detector is loaded and frozen, so "
+                             "only the mask head trains (DETR's second stage)")
 
     # model
     arch("--backbone", default="resnet50", type=str,
@@ -116,7 +120,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     arch("--nheads", default=8, type=int)
     arch("--num_queries", default=100, type=int)
     arch("--pre_norm", action="store_true")
-    arch("--masks", action="store_true", help="DETR's segmentation head; not supported here")
+    arch("--masks", action="store_true",
+         help="DETR's segmentation head (panoptic sets: coco_panoptic, synthetic); the backbone returns layer1-4")
 
     # SMCA ablations (docs/ablation-modules.md)
     arch("--dynamic_scale", default="none", choices=DYNAMIC_SCALES,
@@ -143,18 +148,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bbox_loss_coef", default=5.0, type=NONNEGATIVE)
     parser.add_argument("--giou_loss_coef", default=2.0, type=NONNEGATIVE)
     parser.add_argument("--eos_coef", default=0.1, type=NONNEGATIVE, help="no-object class weight (ce)")
+    parser.add_argument("--mask_loss_coef", default=1.0, type=NONNEGATIVE,
+                        help="--masks: weight of the mask focal loss")
+    parser.add_argument("--dice_loss_coef", default=1.0, type=NONNEGATIVE,
+                        help="--masks: weight of the mask DICE loss")
 
     # evaluation
     parser.add_argument("--num_detections", default=None, type=int,
                         help="detections kept per image for evaluation; default: num_queries (query, class) "
                              "pairs for focal (the original SMCA post-processing), one per query for ce (DETR)")
+    parser.add_argument("--panoptic_threshold", default=None, type=number(0.0, 1.0, high_open=True),
+                        help="--masks: a query joins the panoptic segmentation when its class score exceeds this; "
+                             "default 0.85 on the softmax (ce, DETR), 0.5 on the best sigmoid (focal)")
 
     # data (README "Your own data")
-    parser.add_argument("--dataset_file", default=None, choices=("coco", "voc", "synthetic"),
-                        help="default: coco when --coco_path or a --train_*/--val_* path is given (DETR's commands), "
-                             "voc when --voc_path is given, else the embedded synthetic set")
+    parser.add_argument("--dataset_file", default=None, choices=datasets.DATASETS,
+                        help="default: coco_panoptic when --coco_panoptic_path is given, coco when --coco_path or a "
+                             "--train_*/--val_* path is (DETR's commands), voc when --voc_path is, else the embedded "
+                             "synthetic set (its panoptic version with --masks)")
     parser.add_argument("--coco_path", type=str, default=None,
                         help="COCO layout: train2017/ val2017/ annotations/instances_{train,val}2017.json")
+    parser.add_argument("--coco_panoptic_path", type=str, default=None,
+                        help="coco_panoptic: folder with annotations/panoptic_{train,val}2017.json and the PNG folders "
+                             "panoptic_{train,val}2017/")
     for split in ("train", "val"):
         parser.add_argument(f"--{split}_images", type=str, default=None,
                             help=f"{split} image folder of a COCO-format set (default: <coco_path>/{split}2017)")
@@ -251,8 +267,13 @@ def check_args(args) -> None:
         raise UserError(f"--query_mixture needs at least 2 queries, got --num_queries {args.num_queries}")
     if args.num_classes is not None and args.num_classes <= 0:
         raise UserError(f"--num_classes must be positive, got {args.num_classes}")
-    if args.masks or args.frozen_weights:
-        raise UserError("--masks / --frozen_weights (DETR's panoptic segmentation) are not supported by this fork")
+    if args.frozen_weights and not args.masks:
+        raise UserError("--frozen_weights trains DETR's mask head on a frozen detector and needs --masks")
+    if args.frozen_weights and args.finetune_from:
+        raise UserError("--frozen_weights and --finetune_from both give the detector its weights; pass one")
+    if args.masks and args.hidden_dim < MASK_HEAD_NARROWING:
+        raise UserError(f"--masks: the mask head narrows --hidden_dim by {MASK_HEAD_NARROWING}; "
+                        f"--hidden_dim {args.hidden_dim} is smaller")
     if args.dilation and args.backbone in ("resnet18", "resnet34"):
         raise UserError(f"--dilation needs a bottleneck ResNet (resnet50 or resnet101); torchvision's "
                         f"{args.backbone} blocks do not support dilation")
@@ -285,7 +306,9 @@ def _check_dataset_flags(args) -> None:
         if args.voc_path and (args.coco_path or paths):
             raise UserError(f"--voc_path and {(['--coco_path'] if args.coco_path else paths)[0]} name two datasets; "
                             f"pass --dataset_file voc or coco")
-        args.dataset_file = "voc" if args.voc_path else "coco" if (args.coco_path or paths) else "synthetic"
+        args.dataset_file = _inferred_dataset_file(args)
+    if args.coco_panoptic_path and args.dataset_file != "coco_panoptic":
+        raise UserError(f"--coco_panoptic_path needs --dataset_file coco_panoptic (got {args.dataset_file})")
     if paths and args.dataset_file != "coco":
         raise UserError(f"{paths[0]} names part of a COCO-format set and needs --dataset_file coco "
                         f"(got {args.dataset_file})")
@@ -296,9 +319,25 @@ def _check_dataset_flags(args) -> None:
     if args.voc_keep_difficult and not voc_layout:
         raise UserError("--voc_keep_difficult needs a VOC-layout set (--dataset_file voc, or synthetic with "
                         "--synthetic_format voc)")
+    if args.masks and args.synthetic_format != "coco":
+        raise UserError("--masks reads the synthetic panoptic set, written in COCO panoptic's layout only; "
+                        "drop --synthetic_format")
     if args.synthetic_format != "coco" and args.dataset_file != "synthetic":
         raise UserError(f"--synthetic_format {args.synthetic_format} needs --dataset_file synthetic "
                         f"(got {args.dataset_file})")
+    if args.masks and args.mosaic:
+        raise UserError("--mosaic composes boxes only, not segment masks; drop it with --masks")
+    if args.dataset_file == "synthetic" and args.masks:
+        args.dataset_file = "synthetic_panoptic"  # the synthetic set with segments (datasets/synthetic_panoptic.py)
+
+
+def _inferred_dataset_file(args) -> str:
+    """--dataset_file when left out: from the path flags given, else the embedded synthetic set."""
+    if args.coco_panoptic_path:
+        return "coco_panoptic"
+    if args.voc_path:
+        return "voc"
+    return "coco" if args.coco_path or any(getattr(args, name) for name in COCO_PATH_FLAGS) else "synthetic"
 
 
 def resolve_loss(args) -> None:
@@ -319,9 +358,9 @@ def resolve_args(args) -> None:
 
 def _automatic_values(args) -> dict:
     """What the 'auto' / None defaults resolve to for these flags (resolve_loss, check_args)."""
-    cls_loss = "ce" if args.dynamic_scale == "none" else "focal"
+    cls_loss = resolve_cls_loss("auto", args.dynamic_scale)
     coefficients = LOSS_DEFAULTS[args.cls_loss if args.cls_loss in LOSS_DEFAULTS else cls_loss]
-    return {"cls_loss": cls_loss, **coefficients, "dataset_file": "coco" if args.coco_path else "synthetic"}
+    return {"cls_loss": cls_loss, **coefficients, "dataset_file": _inferred_dataset_file(args)}
 
 
 def format_config(args) -> str:
@@ -343,8 +382,12 @@ def ablation_summary(args) -> str:
     prior = "off (plain DETR co-attention)" if args.dynamic_scale == "none" else (
         f"{args.dynamic_scale}, smooth {args.smooth:g}, head_mixture {args.head_mixture}, "
         f"query_mixture {args.query_mixture}, {args.prior_impl} route")
+    masks = ""
+    if args.masks:
+        masks = ("; masks: mask head only, detector frozen from " + args.frozen_weights if args.frozen_weights
+                 else "; masks: detector and mask head")
     return (f"ablation: dynamic_scale {prior}; cls_loss {args.cls_loss} (coef {args.cls_loss_coef:g}, "
-            f"match cost {args.set_cost_class:g}); num_queries {args.num_queries}")
+            f"match cost {args.set_cost_class:g}); num_queries {args.num_queries}{masks}")
 
 
 ARCH_FLAGS = architecture_flags(get_args_parser())

@@ -7,8 +7,11 @@ import torch
 
 from util.errors import UserError
 
+from . import synthetic_panoptic
 from .class_names import COCO_NUM_CLASSES, class_names_of  # noqa: F401 (part of the package's API)
 from .coco import build_coco, coco_paths, max_category_id
+from .coco_panoptic import (COCO_PANOPTIC_NUM_CLASSES, build_coco_panoptic, check_panoptic_paths,
+                            max_panoptic_category_id, panoptic_paths, stuff_category_ids)
 from .fixed_size import make_fixed_size_transforms
 from .mosaic import Mosaic
 from .synthetic import (CATEGORIES, DEFAULT_IMAGE_SIZE, DEFAULT_ROOT, DEFAULT_TRAIN_SIZE, DEFAULT_VAL_SIZE,
@@ -16,7 +19,9 @@ from .synthetic import (CATEGORIES, DEFAULT_IMAGE_SIZE, DEFAULT_ROOT, DEFAULT_TR
 from .transforms import make_coco_transforms, scaled_coco_transform_params
 from .voc import VocDetection, class_list, parse_set_list
 
-DATASETS = ("coco", "voc", "synthetic")
+DATASETS = ("coco", "coco_panoptic", "voc", "synthetic", "synthetic_panoptic")
+# the sets with segment masks, for --masks (the synthetic one is what --dataset_file synthetic --masks reads)
+PANOPTIC_DATASETS = ("coco_panoptic", "synthetic_panoptic")
 
 
 def _or_default(value, default):
@@ -28,24 +33,28 @@ def _synthetic_format(args) -> str:
 
 
 def _synthetic_root(args):
-    """Generate (first use only) the synthetic set the flags describe; returns (path, image_size)."""
+    """Generate (first use only) the synthetic set the flags describe (the panoptic one for
+    synthetic_panoptic); returns (path, image_size)."""
     image_size = int(_or_default(args.synthetic_image_size, DEFAULT_IMAGE_SIZE))
-    path = ensure_synthetic(
+    common = dict(
         root=_or_default(args.synthetic_root, DEFAULT_ROOT),
         seed=int(_or_default(getattr(args, "synthetic_seed", None), args.seed)),
         train_size=int(_or_default(args.synthetic_train_size, DEFAULT_TRAIN_SIZE)),
         val_size=int(_or_default(args.synthetic_val_size, DEFAULT_VAL_SIZE)),
         image_size=image_size,
-        fmt=_synthetic_format(args),
     )
-    return path, image_size
+    if args.dataset_file == "synthetic_panoptic":
+        return synthetic_panoptic.ensure_synthetic_panoptic(**common), image_size
+    return ensure_synthetic(**common, fmt=_synthetic_format(args)), image_size
 
 
 def _check_supported(args) -> None:
-    if getattr(args, "masks", False):
-        raise UserError("--masks (segmentation) is not supported by this fork; remove --masks")
     if args.dataset_file not in DATASETS:
         raise UserError(f"--dataset_file {args.dataset_file!r} is unknown; use one of {', '.join(DATASETS)}")
+    if getattr(args, "masks", False) and args.dataset_file not in PANOPTIC_DATASETS:
+        raise UserError(f"--masks trains DETR's panoptic segmentation head and needs segment masks: use "
+                        f"--dataset_file coco_panoptic (with --coco_panoptic_path) or synthetic, not "
+                        f"{args.dataset_file}")
 
 
 def _is_voc(args) -> bool:
@@ -80,32 +89,58 @@ def _coco_ann_file(args, image_set: str):
 def num_classes_for(args) -> int:
     """--num_classes if given; else DETR's rule, largest category id + 1 (class num_classes is "no object"),
     read from the data and printed: from the training annotation file (the evaluated one under --eval), or
-    from the class list of a VOC set (ids 1..K). COCO 2017 gives 91, as DETR."""
+    from the class list of a VOC set (ids 1..K). COCO 2017 gives 91, as DETR; COCO panoptic DETR's 250."""
     _check_supported(args)
     if args.num_classes is not None:
         return int(args.num_classes)
+    if args.dataset_file == "coco_panoptic":
+        return COCO_PANOPTIC_NUM_CLASSES
     if _is_voc(args):
         classes = _voc_classes(args)
         print(f"num_classes {len(classes) + 1}: {len(classes)} VOC-layout classes with category ids "
               f"1..{len(classes)}, plus 1 (pass --num_classes to set it)")
         return len(classes) + 1
-    ann_file = _coco_ann_file(args, "val" if getattr(args, "eval", False) else "train")
-    largest = max_category_id(ann_file)
+    if args.dataset_file == "synthetic_panoptic":
+        ann_file = _synthetic_root(args)[0] / "annotations" / "panoptic_train2017.json"
+        largest = max_panoptic_category_id(ann_file)
+    else:
+        ann_file = _coco_ann_file(args, "val" if getattr(args, "eval", False) else "train")
+        largest = max_category_id(ann_file)
     print(f"num_classes {largest + 1}: largest category id {largest} in {ann_file}, plus 1 "
           f"(pass --num_classes to set it)")
     return largest + 1
 
 
 def _transforms(image_set: str, args):
-    """DETR's train/val transforms, scaled down to the image size for the synthetic set, or their
+    """DETR's train/val transforms, scaled down to the image size for the synthetic sets, or their
     fixed-size variant (datasets/fixed_size.py) with --fixed_size."""
     params = {}
-    if args.dataset_file == "synthetic":
+    if args.dataset_file in ("synthetic", "synthetic_panoptic"):
         params = scaled_coco_transform_params(int(_or_default(args.synthetic_image_size, DEFAULT_IMAGE_SIZE)))
     fixed_size = getattr(args, "fixed_size", None)
     if fixed_size:
         return make_fixed_size_transforms(image_set, fixed_size, **params)
     return make_coco_transforms(image_set, **params)
+
+
+def stuff_ids(args) -> frozenset:
+    """The stuff category ids of the panoptic set's ground truth (the panoptic post-processor merges stuff)."""
+    if args.dataset_file == "coco_panoptic":
+        return stuff_category_ids(panoptic_paths(args.coco_panoptic_path, "val")[1])
+    if args.dataset_file == "synthetic_panoptic":
+        return stuff_category_ids(_synthetic_root(args)[0] / "annotations" / "panoptic_val2017.json")
+    raise ValueError(f"--dataset_file {args.dataset_file} has no panoptic ground truth")
+
+
+def check_paths(args, image_sets) -> None:
+    """The files and folders of --coco_path / --coco_panoptic_path that ``image_sets`` need, before any model or
+    checkpoint is loaded; UserError naming the first missing one."""
+    _check_supported(args)
+    if args.dataset_file == "coco":
+        for image_set in image_sets:
+            _coco_ann_file(args, image_set)
+    elif args.dataset_file == "coco_panoptic":
+        check_panoptic_paths(args.coco_path, getattr(args, "coco_panoptic_path", None), image_sets)
 
 
 def build_dataset(image_set: str, args):
@@ -119,6 +154,7 @@ def build_dataset(image_set: str, args):
     mosaic = float(getattr(args, "mosaic", 0) or 0) if image_set == "train" else 0.0
     # Mosaic composes untransformed images and runs the transforms itself
     item_transforms = None if mosaic else transforms
+    masks = bool(getattr(args, "masks", False))
     if _is_voc(args):
         root, sets, flag = _voc_source(args, image_set)
         keep_difficult = image_set == "train" and bool(getattr(args, "voc_keep_difficult", False))
@@ -128,6 +164,12 @@ def build_dataset(image_set: str, args):
         dataset = build_coco(image_set, args.coco_path, item_transforms, num_classes, skip_bad_images,
                              images=getattr(args, f"{image_set}_images", None),
                              ann_file=getattr(args, f"{image_set}_ann", None))
+    elif args.dataset_file == "coco_panoptic":
+        dataset = build_coco_panoptic(image_set, args.coco_path, args.coco_panoptic_path, item_transforms,
+                                      num_classes, masks, skip_bad_images)
+    elif args.dataset_file == "synthetic_panoptic":
+        root, _ = _synthetic_root(args)
+        dataset = build_coco_panoptic(image_set, root, root, item_transforms, num_classes, masks, skip_bad_images)
     else:
         root, _ = _synthetic_root(args)
         dataset = build_coco(image_set, root, item_transforms, num_classes, skip_bad_images)

@@ -86,13 +86,10 @@ def _draw_shape(draw: ImageDraw.ImageDraw, name: str, x: int, y: int, w: int, h:
         raise ValueError(f"unknown shape {name!r}")
 
 
-def render_image(rng: np.random.Generator, image_size: int):
-    """One image and its objects as (category_id, [x, y, w, h], area)."""
+def sample_objects(rng: np.random.Generator, image_size: int):
+    """1-MAX_OBJECTS non-overlapping shapes as (category_id, name, [x, y, w, h], fill RGB); an object that finds
+    no free spot in 50 draws is skipped."""
     s = image_size
-    base = rng.uniform(100, 160) + rng.uniform(-15, 15, size=3)
-    pixels = base + rng.normal(0.0, 6.0, size=(s, s, 3))
-    img = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(img)
     objects = []
     for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
         cat_id, name, color = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
@@ -104,14 +101,27 @@ def render_image(rng: np.random.Generator, image_size: int):
         # Rejection sampling for a free spot; an object that does not fit is skipped.
         for _try in range(50):
             box = [int(rng.integers(0, s - w + 1)), int(rng.integers(0, s - h + 1)), w, h]
-            if not any(_boxes_overlap(box, o[1]) for o in objects):
+            if not any(_boxes_overlap(box, o[2]) for o in objects):
                 break
         else:
             continue
         jitter = rng.integers(-20, 21, size=3)
         fill = tuple(int(c) for c in np.clip(np.array(color) + jitter, 0, 255))
+        objects.append((cat_id, name, box, fill))
+    return objects
+
+
+def render_image(rng: np.random.Generator, image_size: int):
+    """One image and its objects as (category_id, [x, y, w, h], area)."""
+    s = image_size
+    base = rng.uniform(100, 160) + rng.uniform(-15, 15, size=3)
+    pixels = base + rng.normal(0.0, 6.0, size=(s, s, 3))
+    img = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    objects = []
+    for cat_id, name, box, fill in sample_objects(rng, s):
         _draw_shape(draw, name, *box, fill)
-        objects.append((cat_id, box, float(w * h * _FILL[name])))
+        objects.append((cat_id, box, float(box[2] * box[3] * _FILL[name])))
     return img, objects
 
 
@@ -201,13 +211,28 @@ def ensure_synthetic(root=DEFAULT_ROOT, seed: int = 42, train_size: int = DEFAUL
     there."""
     if fmt not in _WRITERS:
         raise ValueError(f"unknown synthetic format {fmt!r}; expected one of {sorted(_WRITERS)}")
+    check_sizes(train_size, val_size, image_size)
+
+    def write(tmp: Path) -> None:
+        _WRITERS[fmt](tmp, "train", train_size, seed, image_size)
+        _WRITERS[fmt](tmp, "val", val_size, seed, image_size)
+
+    name = dataset_name(seed, train_size, val_size, image_size) + ("-voc" if fmt == "voc" else "")
+    return generate_once(root, name, write)
+
+
+def check_sizes(train_size: int, val_size: int, image_size: int) -> None:
     for flag, value, low in (("--synthetic_train_size", train_size, 1),
                              ("--synthetic_val_size", val_size, 1),
                              ("--synthetic_image_size", image_size, 16)):
         if value < low:
             raise UserError(f"{flag} must be >= {low}, got {value}")
+
+
+def generate_once(root, name: str, write) -> Path:
+    """``root/name``, made first by ``write(folder)`` into a private folder renamed into place (see the module
+    docstring) if it is not there yet."""
     root = Path(root).expanduser()
-    name = dataset_name(seed, train_size, val_size, image_size) + ("-voc" if fmt == "voc" else "")
     final = root / name
     if final.is_dir():
         return final
@@ -219,8 +244,7 @@ def ensure_synthetic(root=DEFAULT_ROOT, seed: int = 42, train_size: int = DEFAUL
         raise UserError(f"cannot create the synthetic dataset cache under {root} ({e}); "
                         f"pass a writable --synthetic_root") from e
     try:
-        _WRITERS[fmt](tmp, "train", train_size, seed, image_size)
-        _WRITERS[fmt](tmp, "val", val_size, seed, image_size)
+        write(tmp)
         try:
             os.rename(tmp, final)
         except OSError:

@@ -3,8 +3,9 @@
 Every transform is called as ``img, target = t(img, target)``; ``target`` may be ``None`` (inference on an
 image alone), and then only the image is transformed. Until ``Normalize``, ``target['boxes']`` is (N, 4)
 absolute xyxy in pixels of the current image; ``Normalize`` turns it into cxcywh normalised by the image
-size, the format the model and the loss expect. Geometry transforms work on PIL images; ``ToTensor`` comes
-after them.
+size, the format the model and the loss expect. ``target['masks']`` (N, H, W) bool, when present (panoptic
+sets), follows the image: flipped, resized with nearest neighbour, cropped, and filtered with its boxes (DETR).
+Geometry transforms work on PIL images; ``ToTensor`` comes after them.
 
 Sizes and random draws are DETR's, so a seeded run sees what DETR sees: resized sides are truncated with
 ``int()`` (640x480 at 800/1333 becomes 1066x800), and the draws are DETR's calls in DETR's order (Python's
@@ -15,6 +16,7 @@ DataLoader worker by PyTorch, so augmentation is reproducible and a resumed run 
 import random
 
 import torch
+import torch.nn.functional as F_nn
 import torchvision.transforms as TV
 import torchvision.transforms.functional as F
 
@@ -22,7 +24,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Per-box fields that must be filtered together with the boxes.
-_PER_BOX_FIELDS = ("boxes", "labels", "area", "iscrowd")
+_PER_BOX_FIELDS = ("boxes", "labels", "area", "iscrowd", "masks")
 
 
 def _keep_boxes(target: dict, keep: torch.Tensor) -> dict:
@@ -43,6 +45,8 @@ def hflip(img, target):
         boxes = target["boxes"]
         target["boxes"] = torch.stack(
             [w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
     return img, target
 
 
@@ -78,18 +82,23 @@ def resize(img, target, size, max_size=None):
         target["boxes"] = target["boxes"] * torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h])
     if "area" in target:
         target["area"] = target["area"] * (ratio_w * ratio_h)
+    if "masks" in target:
+        masks = target["masks"][:, None].float()  # (N, 1, H, W)
+        target["masks"] = F_nn.interpolate(masks, size=(new_h, new_w), mode="nearest")[:, 0] > 0.5
     target["size"] = torch.tensor([new_h, new_w])
     return img, target
 
 
 def crop(img, target, top: int, left: int, height: int, width: int):
     """Crop a region; boxes are shifted and clipped to it, and boxes left with
-    zero width or height are dropped with their labels/area/iscrowd."""
+    zero width or height are dropped with their labels/area/iscrowd/masks."""
     img = F.crop(img, top, left, height, width)
     if target is None:
         return img, None
     target = target.copy()
     target["size"] = torch.tensor([height, width])
+    if "masks" in target:  # F.crop zero-pads a region that leaves the image, as it does the image
+        target["masks"] = F.crop(target["masks"], top, left, height, width)
     if "boxes" in target:
         boxes = target["boxes"] - torch.tensor([left, top, left, top], dtype=target["boxes"].dtype)
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)

@@ -39,7 +39,7 @@ if __package__ in (None, ""):
 from experiments import plot_logs
 from experiments.runs import MISSING, PER_RUN_FLAGS, Group, Run, format_value, group_runs, load_runs
 from util.errors import UserError
-from util.tb import COCO_METRIC_NAMES
+from util.tb import COCO_METRIC_NAMES, METRIC_TAGS, PANOPTIC_METRIC_NAMES
 
 PLOTS = ("metric", "loss")
 
@@ -54,10 +54,21 @@ def default_out(paths: list[str], runs: list[Run]) -> str:
 
 
 def resolve_metric(metric: str) -> str:
-    for name in COCO_METRIC_NAMES:
+    """The METRIC_TAGS name of ``metric`` (case-insensitive): a COCO bbox stat, segm_<stat> (mask AP) or PQ, SQ, RQ
+    and their _th / _st versions (panoptic runs)."""
+    for name in METRIC_TAGS:
         if name.lower() == metric.lower():
             return name
-    raise UserError(f"--metric {metric}: unknown metric; choose one of {', '.join(COCO_METRIC_NAMES)}")
+    raise UserError(f"--metric {metric}: unknown metric; choose one of {', '.join(METRIC_TAGS)}")
+
+
+_TAG_KINDS = {"coco": "COCO bbox", "segm": "COCO mask", "panoptic": "panoptic"}
+
+
+def metric_label(metric: str) -> str:
+    """'COCO bbox AP', 'COCO mask AP', 'panoptic PQ'."""
+    kind, name = METRIC_TAGS[metric].split("/")
+    return f"{_TAG_KINDS[kind]} {name}"
 
 
 def differing_flags(configs: list[dict]) -> list[str]:
@@ -206,10 +217,10 @@ def plot_metric(path: str, groups: list[Group], metric: str, band: str = "std") 
     if plotted:
         ax.legend(fontsize="small")
     else:
-        ax.text(0.5, 0.5, f"no coco/{metric} logged yet", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, f"no {METRIC_TAGS[metric]} logged yet", ha="center", va="center", transform=ax.transAxes)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch (epochs done)")
-    ax.set_ylabel(f"COCO bbox {metric}")
+    ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{metric} per epoch")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -235,7 +246,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Compare runs (TensorBoard events) in a table, CSVs and plots; "
                                                  "runs that differ only in --seed are grouped (mean ± std).")
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders or sweep roots")
-    parser.add_argument("--metric", default="AP", help=f"COCO metric, one of {', '.join(COCO_METRIC_NAMES)}")
+    parser.add_argument("--metric", default="AP",
+                        help=f"COCO bbox metric ({', '.join(COCO_METRIC_NAMES)}), segm_<that> (mask AP) or, for "
+                             f"panoptic runs, {', '.join(PANOPTIC_METRIC_NAMES)}")
     parser.add_argument("--out", default=None, help="folder for the CSVs and PNGs (default: the sweep root, or the "
                         "folder holding the given run folders)")
     parser.add_argument("--plot", nargs="+", choices=PLOTS, default=["metric"],

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from util.errors import UserError
-from util.tb import hparam_value
+from util.tb import EVAL_TAG_PREFIXES, METRIC_TAGS, hparam_value
 
 # Flags that name this run's own files or restart state, or change no number of the run (the COCO backends
 # score alike, logging intervals, the cache folder): they differ between runs without being ablations, and
@@ -47,13 +47,14 @@ class Run:
     scalars: dict = field(default_factory=dict)
 
     def metric(self, name: str) -> list[tuple[int, float]]:
-        return self.scalars.get(f"coco/{name}", [])
+        """The series of a metric of util.tb.METRIC_TAGS ('AP', 'segm_AP', 'PQ', ...)."""
+        return self.scalars.get(METRIC_TAGS[name], [])
 
     @property
     def epochs(self) -> int:
-        """Epochs done: the last epoch-axis step written (epoch/time, else any coco/ metric)."""
+        """Epochs done: the last epoch-axis step written (epoch/time, else any evaluation metric)."""
         steps = [s for s, _ in self.scalars.get("epoch/time", [])]
-        steps += [s for tag, series in self.scalars.items() if tag.startswith("coco/") for s, _ in series]
+        steps += [s for tag, series in self.scalars.items() if tag.startswith(EVAL_TAG_PREFIXES) for s, _ in series]
         return max(steps, default=0)
 
     @property
@@ -137,7 +138,7 @@ def _read_config_json(run_dir: str) -> dict:
 def load_run(run_dir: str, name: str) -> Run:
     acc = event_accumulator.EventAccumulator(run_dir, size_guidance=SIZE_GUIDANCE)
     acc.Reload()
-    wanted = [t for t in acc.Tags()["scalars"] if t.startswith("coco/") or t == "epoch/time"]
+    wanted = [t for t in acc.Tags()["scalars"] if t.startswith(EVAL_TAG_PREFIXES) or t == "epoch/time"]
     scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in wanted}
     # config.json is rewritten at every start (a resume with new flags); the hparams keep the first start's
     config = _read_config_json(run_dir) or _read_hparams(acc)

@@ -2,12 +2,16 @@
 the only place where the argparse namespace meets the model code, a translation of the flags onto them."""
 from collections.abc import Mapping
 
+from torch import nn
+
 from models.backbone import Backbone, Joiner
 from models.criterion import build_criterion
 from models.detr import DETR
 from models.matcher import build_matcher
 from models.position_encoding import build_position_encoding
 from models.postprocess import build_postprocessor, build_postprocessors  # noqa: F401 (build_postprocessor: API)
+from models.postprocess_segm import PostProcessPanoptic, PostProcessSegm
+from models.segmentation import DETRsegm
 from models.transformer import Transformer
 
 # the focal-loss classifier starts at this foreground probability (bias = -log((1 - p) / p))
@@ -21,7 +25,7 @@ def build_detr(backbone: str = "resnet50", dilation: bool = False, num_classes: 
                enc_layers: int = 6, dec_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
                pre_norm: bool = False, position_embedding: str = "sine", backbone_norm: str = "frozen",
                backbone_weights: str = "none", train_backbone: bool = True, aux_loss: bool = True,
-               prior_impl: str = "fused") -> DETR:
+               prior_impl: str = "fused", masks: bool = False, freeze_detector: bool = False) -> nn.Module:
     """DETR, or SMCA-DETR with ``dynamic_scale`` type1-4; the defaults are DETR's (R50, 100 queries, COCO's 91 ids).
 
     The arguments mean what main.py's flags of the same names mean (options.py; the SMCA ones are specified in
@@ -30,18 +34,22 @@ def build_detr(backbone: str = "resnet50", dilation: bool = False, num_classes: 
     'none' (random), 'imagenet' (torchvision's download) or a path to a ResNet state dict.
     ``train_backbone=False`` freezes the whole ResNet (main.py: ``--lr_backbone 0``). ``prior_impl``: how the
     co-attention adds the prior, 'fused' or 'explicit' (same logits, same weights; models/spatial_prior.py).
+    ``masks``: DETR's segmentation model (DETRsegm: the detector under ``detr.`` and the mask head, fed by
+    layer1-4); ``freeze_detector`` then trains the mask head alone (main.py: ``--frozen_weights``).
     """
     # the position encoding first: a learned one draws from the generator before the ResNet, as before
     position = build_position_encoding(position_embedding, hidden_dim)
-    joiner = Joiner(Backbone(backbone, train_backbone, dilation, backbone_weights, norm=backbone_norm), position)
+    joiner = Joiner(Backbone(backbone, train_backbone, dilation, backbone_weights, norm=backbone_norm,
+                             return_interm_layers=masks), position)
     transformer = Transformer(d_model=hidden_dim, nhead=nheads, num_encoder_layers=enc_layers,
                               num_decoder_layers=dec_layers, dim_feedforward=dim_feedforward, dropout=dropout,
                               normalize_before=pre_norm, num_queries=num_queries, dynamic_scale=dynamic_scale,
                               smooth=smooth, head_mixture=head_mixture, query_mixture=query_mixture,
                               prior_impl=prior_impl)
     focal = resolve_cls_loss(cls_loss, dynamic_scale) == "focal"
-    return DETR(joiner, transformer, num_classes=num_classes, num_queries=num_queries, aux_loss=aux_loss,
+    detr = DETR(joiner, transformer, num_classes=num_classes, num_queries=num_queries, aux_loss=aux_loss,
                 class_bias_prior=FOCAL_PRIOR_PROB if focal else 0.0)
+    return DETRsegm(detr, freeze_detr=freeze_detector) if masks else detr
 
 
 def resolve_cls_loss(cls_loss: str, dynamic_scale: str) -> str:
@@ -56,7 +64,7 @@ def resolve_cls_loss(cls_loss: str, dynamic_scale: str) -> str:
 # main.py's flags that build_detr takes under the same name
 DETR_FLAGS = ("backbone", "dilation", "num_classes", "num_queries", "dynamic_scale", "smooth", "head_mixture",
               "query_mixture", "cls_loss", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward",
-              "dropout", "pre_norm", "position_embedding", "backbone_norm", "prior_impl")
+              "dropout", "pre_norm", "position_embedding", "backbone_norm", "prior_impl", "masks")
 
 
 def detr_kwargs(flags: Mapping) -> dict:
@@ -64,14 +72,23 @@ def detr_kwargs(flags: Mapping) -> dict:
     kwargs = {name: flags[name] for name in DETR_FLAGS}
     kwargs["train_backbone"] = flags["lr_backbone"] > 0
     kwargs["aux_loss"] = not flags["no_aux_loss"]
+    kwargs["freeze_detector"] = bool(flags.get("frozen_weights"))
     return kwargs
 
 
-def build_model(args, backbone_weights: str = "none"):
+def build_model(args, backbone_weights: str = "none", stuff_ids=None):
     """(model, criterion, postprocessors) for resolved args (see main.resolve_args).
 
     backbone_weights: 'imagenet', 'none' or a path; main passes 'none' when a checkpoint will overwrite them.
+    With --masks the model is DETR's segmentation wrapper (the detector under ``detr.``, frozen with
+    --frozen_weights) and the post-processors add 'segm' (masks) and, given the ground truth's stuff category
+    ids (``datasets.stuff_ids``), 'panoptic'.
     """
     model = build_detr(**detr_kwargs(vars(args)), backbone_weights=backbone_weights)
+    postprocessors = build_postprocessors(args)
+    if args.masks:
+        postprocessors["segm"] = PostProcessSegm()
+        if stuff_ids is not None:
+            postprocessors["panoptic"] = PostProcessPanoptic(stuff_ids, args.panoptic_threshold, args.cls_loss)
     criterion = build_criterion(args, args.num_classes, build_matcher(args))
-    return model, criterion, build_postprocessors(args)
+    return model, criterion, postprocessors

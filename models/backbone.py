@@ -16,17 +16,24 @@ _BODY_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3",
 
 
 class ResNetBody(nn.Module):
-    """The convolutional trunk of a torchvision ResNet, keeping its module names (``conv1``, ``layer1`` ...)."""
+    """The convolutional trunk of a torchvision ResNet, keeping its module names (``conv1``, ``layer1`` ...).
 
-    def __init__(self, resnet: nn.Module):
+    ``return_layers``: the stages whose outputs ``forward`` returns, in order (DETR: layer4 only; with its
+    segmentation head, ``return_interm_layers``: layer1-4)."""
+
+    def __init__(self, resnet: nn.Module, return_layers: Tuple[str, ...] = ("layer4",)):
         super().__init__()
         for name in _BODY_LAYERS:
             self.add_module(name, getattr(resnet, name))
+        self.return_layers = tuple(return_layers)
 
-    def forward(self, x):
-        for module in self.children():
+    def forward(self, x) -> List[torch.Tensor]:
+        outputs = []
+        for name, module in self.named_children():
             x = module(x)
-        return x
+            if name in self.return_layers:
+                outputs.append(x)
+        return outputs
 
 
 def _resnet_stride(resnet: nn.Module) -> int:
@@ -72,13 +79,21 @@ def _load_backbone_weights(resnet: nn.Module, name: str, weights: str) -> None:
 # of a random network are the identity and leave the backbone without any normalisation
 BACKBONE_NORMS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
 _DETR_TRAINED_LAYERS = ("layer2", "layer3", "layer4")
+_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def _stage_channels(stage: nn.Sequential) -> int:
+    """Output channels of a ResNet stage: its last block's last convolution (conv3 of a bottleneck, else conv2)."""
+    block = stage[-1]
+    return (block.conv3 if hasattr(block, "conv3") else block.conv2).out_channels
 
 
 class Backbone(nn.Module):
-    """ResNet trunk. Output: the last feature map and its downsampled padding mask."""
+    """ResNet trunk. Output: the last feature map and its downsampled padding mask, preceded by those of layer1-3
+    with ``return_interm_layers`` (DETR's segmentation head reads them)."""
 
     def __init__(self, name: str, train_backbone: bool, dilation: bool, weights: str = "none",
-                 norm: str = "frozen"):
+                 norm: str = "frozen", return_interm_layers: bool = False):
         super().__init__()
         if name not in RESNETS:
             raise UserError(f"--backbone {name} is not supported; choose one of {', '.join(RESNETS)}")
@@ -91,13 +106,18 @@ class Backbone(nn.Module):
                 parameter.requires_grad_(False)
         self.num_channels = resnet.fc.in_features
         self.stride = _resnet_stride(resnet)
-        self.body = ResNetBody(resnet)
+        return_layers = _STAGES if return_interm_layers else _STAGES[-1:]
+        self.layer_channels = tuple(_stage_channels(getattr(resnet, stage)) for stage in return_layers)
+        self.body = ResNetBody(resnet, return_layers)
 
-    def forward(self, samples: NestedTensor) -> NestedTensor:
-        """(B, 3, H, W) images with (B, H, W) mask -> (B, C, H/s, W/s) features with (B, H/s, W/s) mask."""
-        features = self.body(samples.tensors)
-        mask = F.interpolate(samples.mask[None].float(), size=features.shape[-2:])[0].bool()
-        return NestedTensor(features, mask)
+    def forward(self, samples: NestedTensor) -> List[NestedTensor]:
+        """(B, 3, H, W) images with (B, H, W) mask -> per returned stage, finest first, (B, C_l, H_l, W_l) features
+        with their (B, H_l, W_l) mask; the last is layer4's (B, C, H/s, W/s)."""
+        levels = []
+        for features in self.body(samples.tensors):
+            mask = F.interpolate(samples.mask[None].float(), size=features.shape[-2:])[0].bool()
+            levels.append(NestedTensor(features, mask))
+        return levels
 
 
 class Joiner(nn.Sequential):
@@ -106,12 +126,15 @@ class Joiner(nn.Sequential):
     def __init__(self, backbone: Backbone, position_embedding: nn.Module):
         super().__init__(backbone, position_embedding)
         self.num_channels = backbone.num_channels
+        self.layer_channels = backbone.layer_channels
         self.stride = backbone.stride
 
     def forward(self, samples: NestedTensor) -> Tuple[List[NestedTensor], List[torch.Tensor]]:
+        """The trunk's levels (finest first) and the position encoding of the last one, the only level the
+        transformer reads (DETR encodes every level; a learned encoding's 50 rows could not cover layer1)."""
         features = self[0](samples)
-        pos = self[1](features).to(features.tensors.dtype)
-        return [features], [pos]
+        pos = self[1](features[-1]).to(features[-1].tensors.dtype)
+        return features, [pos]
 
 
 def image_extent(mask: torch.Tensor, stride: int) -> torch.Tensor:

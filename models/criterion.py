@@ -11,6 +11,9 @@ Loss names (the `losses` list of SetCriterion) and the keys they produce:
 - 'boxes':        'loss_bbox' (L1 on cxcywh) and 'loss_giou' (1 - GIoU).
 - 'cardinality':  'cardinality_error', logged only (no gradient).
 - 'cardinality_focal': 'cardinality_error_focal', logged only (focal runs).
+- 'masks':        'loss_mask' (sigmoid focal, alpha 0.25, gamma 2) and 'loss_dice'
+                  on the matched queries' 'pred_masks' (DETR's segmentation losses);
+                  final decoder layer only (FINAL_LAYER_ONLY), as DETR.
 
 Logged metrics keep upstream's definitions, so log.txt curves compare with
 DETR's and the original SMCA code's published logs (both loss types):
@@ -34,6 +37,11 @@ from torch import Tensor, nn
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from util.dist import get_world_size, is_dist_avail_and_initialized
 
+# losses computed on the last decoder layer only: the aux layers have no masks (DETR: "too costly")
+FINAL_LAYER_ONLY = frozenset({"masks"})
+# DETR's mask focal loss: its own constants, independent of --focal_alpha/--focal_gamma (classification)
+MASK_FOCAL_ALPHA, MASK_FOCAL_GAMMA = 0.25, 2.0
+
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
     """Element-wise focal loss (Lin et al. 2017) of independent sigmoids, same shape as logits.
@@ -45,6 +53,23 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float, gamma: flo
     prob_true = prob * targets + (1 - prob) * (1 - targets)
     alpha_true = alpha * targets + (1 - alpha) * (1 - targets)
     return alpha_true * (1 - prob_true) ** gamma * bce
+
+
+def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-mask DICE loss 1 - (2 |p t| + 1) / (|p| + |t| + 1) of sigmoid probabilities p; (N, P) -> (N,)."""
+    prob = logits.sigmoid()
+    return 1 - (2 * (prob * targets).sum(1) + 1) / (prob.sum(1) + targets.sum(1) + 1)
+
+
+def _padded_masks(targets: list[dict]) -> Tensor:
+    """Every image's 'masks' (T_b, H_b, W_b) zero-padded at the bottom/right into one (B, max T, max H, max W)
+    tensor: the padded canvas of the image batch, since masks have their image's size."""
+    masks = [t["masks"] for t in targets]
+    shape = (len(masks), max(len(m) for m in masks), max(m.shape[-2] for m in masks), max(m.shape[-1] for m in masks))
+    padded = masks[0].new_zeros(shape)
+    for canvas, m in zip(padded, masks):
+        canvas[: m.shape[0], : m.shape[1], : m.shape[2]].copy_(m)
+    return padded
 
 
 @torch.no_grad()
@@ -81,6 +106,7 @@ class SetCriterion(nn.Module):
             "boxes": self.loss_boxes,
             "cardinality": self.loss_cardinality,
             "cardinality_focal": self.loss_cardinality_focal,
+            "masks": self.loss_masks,
         }
         unknown = [name for name in losses if name not in self.loss_map]
         if unknown:
@@ -149,6 +175,18 @@ class SetCriterion(nn.Module):
         loss_giou = (1 - giou).sum() / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
+    def loss_masks(self, outputs, targets, indices, num_boxes, log=True):
+        """DETR's mask losses: the matched queries' mask logits, upsampled (bilinear) from stride 4 to the padded
+        canvas, against the targets' 'masks'; summed per mask and divided by num_boxes. As DETR, padded pixels
+        count as background."""
+        src = outputs["pred_masks"][self._query_index(indices)]  # (N, H/4, W/4)
+        image = torch.cat([torch.full_like(tgt, i) for i, (_, tgt) in enumerate(indices)])
+        target = _padded_masks(targets)[image, torch.cat([tgt for _, tgt in indices])].to(src)  # (N, H, W)
+        src = F.interpolate(src[:, None], size=target.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        src, target = src.flatten(1).float(), target.flatten(1)  # (N, H*W)
+        focal = sigmoid_focal_loss(src, target, MASK_FOCAL_ALPHA, MASK_FOCAL_GAMMA).mean(1)  # (N,)
+        return {"loss_mask": focal.sum() / num_boxes, "loss_dice": dice_loss(src, target).sum() / num_boxes}
+
     # -- helpers --
 
     @staticmethod
@@ -198,6 +236,8 @@ class SetCriterion(nn.Module):
         for layer, aux in enumerate(outputs.get("aux_outputs", [])):
             aux_indices = self._match(aux, targets)
             for name in self.losses:
+                if name in FINAL_LAYER_ONLY:
+                    continue
                 # class_error of intermediate layers is not logged (DETR does the same).
                 layer_losses = self.get_loss(name, aux, targets, aux_indices, num_boxes, log=False)
                 losses.update({f"{k}_{layer}": v for k, v in layer_losses.items()})
@@ -212,6 +252,8 @@ def build_criterion(args, num_classes: int, matcher: nn.Module) -> SetCriterion:
         # One copy per intermediate decoder layer; the last layer is the un-suffixed output.
         for layer in range(args.dec_layers - 1):
             weight_dict.update({f"{k}_{layer}": v for k, v in final_weights.items()})
+    if args.masks:
+        weight_dict.update({"loss_mask": args.mask_loss_coef, "loss_dice": args.dice_loss_coef})
     class_losses = {"ce": ["labels"], "focal": ["labels_focal", "cardinality_focal"]}
     if args.cls_loss not in class_losses:
         raise ValueError(
@@ -221,7 +263,7 @@ def build_criterion(args, num_classes: int, matcher: nn.Module) -> SetCriterion:
         num_classes,
         matcher=matcher,
         weight_dict=weight_dict,
-        losses=[*class_losses[args.cls_loss], "boxes", "cardinality"],
+        losses=[*class_losses[args.cls_loss], "boxes", "cardinality", *(["masks"] if args.masks else [])],
         eos_coef=args.eos_coef,
         focal_alpha=args.focal_alpha,
         focal_gamma=args.focal_gamma,

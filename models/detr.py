@@ -1,6 +1,6 @@
 """The DETR detector: backbone -> input projection -> transformer -> class and box heads."""
 import math
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -39,19 +39,26 @@ class DETR(nn.Module):
         Returns 'pred_logits' (B, Q, C + 1), 'pred_boxes' (B, Q, 4) normalised cxcywh and, with aux_loss,
         'aux_outputs' for every decoder layer but the last. Needs no targets: image extents come from the mask.
         """
+        return self.forward_with_features(samples)[0]
+
+    def forward_with_features(self, samples) -> Tuple[Dict, Dict]:
+        """``forward``'s outputs, and what DETR's segmentation head (models/segmentation.py) reads: 'features'
+        (the backbone's NestedTensors, finest first), 'src' the projected last map (B, d, Hf, Wf), 'mask'
+        (B, Hf, Wf), 'hs' the decoder outputs (L, B, Q, d) and 'memory' the encoder output (B, d, Hf, Wf)."""
         if isinstance(samples, (list, tuple)):
             samples = nested_tensor_from_tensor_list(list(samples))
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()  # (B, C, Hf, Wf), (B, Hf, Wf)
+        src = self.input_proj(src)  # (B, d, Hf, Wf)
         extent = image_extent(samples.mask, self.backbone.stride)  # (B, 2) feature cells
-        hs, box_reference = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1], extent)
+        hs, box_reference, memory = self.transformer(src, mask, self.query_embed.weight, pos[-1], extent)
         outputs_class = self.class_embed(hs)  # (L, B, Q, C + 1)
         outputs_coord = (self.bbox_embed(hs) + box_reference).sigmoid()  # (L, B, Q, 4)
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
                                   for a, b in zip(outputs_class[:-1], outputs_coord[:-1])]
-        return out
+        return out, {"features": features, "src": src, "mask": mask, "hs": hs, "memory": memory}
 
     @torch.no_grad()
     def smca_diagnostics(self, samples: NestedTensor) -> Dict[str, Tensor]:

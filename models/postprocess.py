@@ -3,7 +3,8 @@
 
 Both post-processors return, per image, 'scores' (K,), 'labels' (K,) int64
 and 'boxes' (K, 4) absolute xyxy in the size given by target_sizes
-(the original image size for COCO evaluation).
+(the original image size for COCO evaluation), and 'queries' (K,) int64, the
+query each detection comes from (the mask post-processor picks its mask).
 """
 import torch
 from torch import Tensor, nn
@@ -40,12 +41,14 @@ class PostProcess(nn.Module):
         prob = logits.float().softmax(-1)[..., :-1]  # (B, Q, C)
         scores, labels = prob.max(-1)  # (B, Q), (B, Q)
         boxes = boxes.float()
+        query_idx = torch.arange(logits.shape[1], device=logits.device).expand(len(logits), -1)  # (B, Q)
         if self.num_select is not None and self.num_select < logits.shape[1]:
             scores, query_idx = scores.topk(self.num_select, dim=1)  # (B, k)
             labels = labels.gather(1, query_idx)
             boxes = boxes.gather(1, query_idx[..., None].expand(-1, -1, 4))  # (B, k, 4)
         abs_boxes = _absolute_xyxy(boxes, target_sizes)
-        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, abs_boxes)]
+        return [{"scores": s, "labels": l, "boxes": b, "queries": q}
+                for s, l, b, q in zip(scores, labels, abs_boxes, query_idx)]
 
 
 class PostProcessFocal(nn.Module):
@@ -76,9 +79,9 @@ class PostProcessFocal(nn.Module):
         picked = torch.gather(boxes.float(), 1, query_idx[..., None].expand(-1, -1, 4))  # (B, k, 4)
         abs_boxes = _absolute_xyxy(picked, target_sizes)  # (B, k, 4)
         results = []
-        for s, l, b in zip(scores, labels, abs_boxes):
+        for s, l, b, q in zip(scores, labels, abs_boxes, query_idx):
             real = l != columns - 1
-            results.append({"scores": s[real], "labels": l[real], "boxes": b[real]})
+            results.append({"scores": s[real], "labels": l[real], "boxes": b[real], "queries": q[real]})
         return results
 
 

@@ -197,9 +197,10 @@ class Transformer(nn.Module):
                 module.reset_parameters()
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor,
-                extent: Tensor) -> Tuple[Tensor, Tensor]:
+                extent: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """src, pos_embed (B, d, H, W); mask (B, H, W); query_embed (Q, d); extent (B, 2).
-        Returns hs (L, B, Q, d) and the box-logit reference (broadcastable to (B, Q, 4))."""
+        Returns hs (L, B, Q, d), the box-logit reference (broadcastable to (B, Q, 4)) and the encoder memory
+        (B, d, H, W), which DETR's segmentation head attends to."""
         batch, _, height, width = src.shape
         src = src.flatten(2).permute(2, 0, 1)  # (HW, B, d)
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)  # (HW, B, d)
@@ -208,4 +209,5 @@ class Transformer(nn.Module):
         memory = self.encoder(src, key_padding_mask=mask, pos=pos_embed)
         tgt = torch.zeros_like(query_pos)
         hs, box_reference = self.decoder(tgt, memory, mask, pos_embed, query_pos, (height, width), extent)
-        return hs.transpose(1, 2), box_reference  # (L, B, Q, d)
+        memory = memory.permute(1, 2, 0).view(batch, -1, height, width)  # (B, d, H, W)
+        return hs.transpose(1, 2), box_reference, memory  # hs (L, B, Q, d)

@@ -198,22 +198,25 @@ def test_num_boxes_is_averaged_over_workers(monkeypatch):
 
 def test_unknown_loss_name_rejected():
     with pytest.raises(ValueError, match="unknown losses"):
-        SetCriterion(NUM_CLASSES, FixedMatcher(INDICES), {}, ["labels", "masks"], EOS_COEF, ALPHA, GAMMA)
+        SetCriterion(NUM_CLASSES, FixedMatcher(INDICES), {}, ["labels", "polygons"], EOS_COEF, ALPHA, GAMMA)
 
 
-@pytest.mark.parametrize("cls_loss,no_aux_loss", [("ce", False), ("focal", False), ("focal", True)])
-def test_build_criterion(cls_loss, no_aux_loss):
+@pytest.mark.parametrize("cls_loss,no_aux_loss,masks", [("ce", False, False), ("focal", False, False),
+                                                        ("focal", True, False), ("ce", False, True)])
+def test_build_criterion(cls_loss, no_aux_loss, masks):
     args = Namespace(cls_loss=cls_loss, cls_loss_coef=2.0, bbox_loss_coef=5.0, giou_loss_coef=2.0,
                      no_aux_loss=no_aux_loss, dec_layers=3, eos_coef=EOS_COEF, focal_alpha=ALPHA,
-                     focal_gamma=GAMMA)
+                     focal_gamma=GAMMA, masks=masks, mask_loss_coef=3.0, dice_loss_coef=4.0)
     criterion = build_criterion(args, NUM_CLASSES, FixedMatcher(INDICES))
     final = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
     expected = dict(final)
     if not no_aux_loss:
         expected.update({f"{k}_{i}": v for k, v in final.items() for i in (0, 1)})
+    if masks:  # the last decoder layer only (DETR)
+        expected.update({"loss_mask": 3.0, "loss_dice": 4.0})
     assert criterion.weight_dict == expected
     class_losses = ["labels_focal", "cardinality_focal"] if cls_loss == "focal" else ["labels"]
-    assert criterion.losses == [*class_losses, "boxes", "cardinality"]
+    assert criterion.losses == [*class_losses, "boxes", "cardinality", *(["masks"] if masks else [])]
     assert criterion.class_weight.tolist() == pytest.approx([1.0] * NUM_CLASSES + [EOS_COEF])
 
 

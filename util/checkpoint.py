@@ -307,6 +307,15 @@ def finetune_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
     return messages + _key_notes(missing, unexpected)
 
 
+def detector_weights(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """The box detector's weights for --frozen_weights: a detector checkpoint's as they are, or the ``detr.`` part
+    of a segmentation checkpoint (its mask head dropped), without a DDP 'module.' prefix."""
+    state_dict = {k.removeprefix('module.'): v for k, v in state_dict.items()}
+    if any(k.startswith('detr.') for k in state_dict):
+        return {k.removeprefix('detr.'): v for k, v in state_dict.items() if k.startswith('detr.')}
+    return state_dict
+
+
 def _strip_ddp_prefix(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict:
     own = model.state_dict()
     if state_dict and all(k.startswith('module.') for k in state_dict) and not any(

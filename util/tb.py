@@ -8,6 +8,9 @@ sub-folders). Tags and the step each is written at:
   epoch/train_<name>         step = epochs done = 0-based epoch index + 1
   epoch/time                 step = epochs done; seconds the epoch took
   coco/<AP|AP50|...|ARl>     step = epochs done; the 12 COCOeval bbox stats (COCO_METRIC_NAMES)
+  segm/<AP|AP50|...|ARl>     step = epochs done; the 12 COCOeval mask stats (--masks runs)
+  panoptic/<PQ|SQ|...|RQ_st> step = epochs done; PQ, SQ, RQ of all, thing (_th) and stuff (_st) classes
+                             (PANOPTIC_METRIC_NAMES, fractions; panoptic --masks runs)
   voc/mAP50_<11point|area>   step = epochs done; the VOC metric's means, for VOC-layout sets (datasets/voc_eval.py)
   voc_AP50_<11point|area>/<class>  step = epochs done; its per-class APs (-1: no ground truth)
   smca/<key>                 step = epochs done; histogram of an SMCA diagnostic, e.g. smca/layer0/scale
@@ -35,6 +38,26 @@ if TYPE_CHECKING:
 
 # Order of pycocotools' COCOeval.stats for bbox evaluation.
 COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+# evaluate()'s panoptic stats keys (DETR's log.txt names: test_PQ_all ...) -> metric name suffix
+PANOPTIC_GROUPS = {"PQ_all": "", "PQ_th": "_th", "PQ_st": "_st"}
+PANOPTIC_METRIC_NAMES = tuple(f"{m}{suffix}" for suffix in PANOPTIC_GROUPS.values() for m in ("PQ", "SQ", "RQ"))
+
+
+# experiments/compare.py's --metric names -> their epoch-axis TensorBoard tags (bbox AP, mask AP as segm_AP, PQ)
+METRIC_TAGS = {**{name: f"coco/{name}" for name in COCO_METRIC_NAMES},
+               **{f"segm_{name}": f"segm/{name}" for name in COCO_METRIC_NAMES},
+               **{name: f"panoptic/{name}" for name in PANOPTIC_METRIC_NAMES}}
+EVAL_TAG_PREFIXES = ("coco/", "segm/", "panoptic/")
+
+
+def panoptic_metrics(stats: dict) -> dict[str, float]:
+    """{'PQ': .., 'SQ': .., ..., 'RQ_st': ..} from evaluate()'s stats ('PQ_all': {'pq', 'sq', 'rq', 'n'}, ...);
+    empty when the stats hold no panoptic evaluation."""
+    metrics = {}
+    for key, suffix in PANOPTIC_GROUPS.items():
+        if key in stats:
+            metrics.update({f"{m.upper()}{suffix}": float(stats[key][m]) for m in ("pq", "sq", "rq")})
+    return metrics
 
 EVENTS_GLOB = "events.out.tfevents.*"
 ITERATION_PREFIX = "train/"
@@ -181,6 +204,17 @@ class RunLogger:
         self.writer.add_scalar("epoch/time", float(epoch_time), step)
         self.epochs_done = step
         # A job killed later in the next epoch still leaves this epoch's numbers on disk.
+        self.writer.flush()
+
+    def log_segmentation(self, epoch: int, eval_stats: dict) -> None:
+        """Mask AP (segm/<name>) and PQ (panoptic/<name>) of an evaluation at step epoch + 1, when it has them."""
+        if self.writer is None:
+            return
+        step = epoch + 1
+        for name, value in zip(COCO_METRIC_NAMES, eval_stats.get("coco_eval_masks", ())):
+            self.writer.add_scalar(f"segm/{name}", float(value), step)
+        for name, value in panoptic_metrics(eval_stats).items():
+            self.writer.add_scalar(f"panoptic/{name}", value, step)
         self.writer.flush()
 
     def log_voc(self, epoch: int, stats: dict) -> None:
