@@ -5,6 +5,9 @@ What a flag means for checkpoints is declared here, where the flag is defined: `
 flag whose value changes which weights exist or what they mean. ``ARCH_FLAGS`` is derived from those marks;
 a resumed or evaluated model takes these flags from its checkpoint (util/run_config.py). --no_aux_loss is
 not one: the auxiliary heads share the final head's weights, so it changes the loss, never the weights.
+``bookkeeping(...)`` marks a flag that names the run's own files or restart state, or changes no number of the
+run (the COCO backends score alike, logging intervals): runs differ in it without being different ablations,
+so experiments/compare.py neither shows it as a column nor lets it keep two seeds apart (``BOOKKEEPING_FLAGS``).
 """
 import argparse
 import math
@@ -35,9 +38,20 @@ def architecture(action: argparse.Action) -> argparse.Action:
     return action
 
 
+def bookkeeping(action: argparse.Action) -> argparse.Action:
+    """Mark a flag as bookkeeping: not part of what a run measures (see the module docstring)."""
+    action.bookkeeping = True
+    return action
+
+
 def architecture_flags(parser: argparse.ArgumentParser) -> tuple:
     """The dest names of the flags marked with ``architecture``, in definition order."""
-    return tuple(a.dest for a in parser._actions if getattr(a, "architecture", False))
+    return marked_flags(parser, "architecture")
+
+
+def marked_flags(parser: argparse.ArgumentParser, mark: str) -> tuple:
+    """The dest names of the flags marked ``mark`` ('architecture', 'bookkeeping'), in definition order."""
+    return tuple(a.dest for a in parser._actions if getattr(a, mark, False))
 
 
 def number(low: float | None = None, high: float | None = None, low_open: bool = False,
@@ -89,6 +103,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     def arch(*names, **kwargs):  # an architecture flag (see the module docstring)
         return architecture(parser.add_argument(*names, **kwargs))
+
+    def books(*names, **kwargs):  # a bookkeeping flag (see the module docstring)
+        return bookkeeping(parser.add_argument(*names, **kwargs))
 
     parser.add_argument("--lr", default=1e-4, type=NONNEGATIVE)
     parser.add_argument("--lr_backbone", default=1e-5, type=NONNEGATIVE,
@@ -192,7 +209,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="probability that a training sample is a 2x2 mosaic of four images (0: off)")
     parser.add_argument("--fixed_size", type=fixed_size, default=None, metavar="N|HxW",
                         help="resize (aspect kept) and pad every train and eval image to one HxW canvas")
-    parser.add_argument("--synthetic_root", type=str,
+    books("--synthetic_root", type=str,
                         default=os.path.join(os.path.expanduser("~"), ".cache", "smca_detr", "synthetic"))
     parser.add_argument("--synthetic_train_size", type=int, default=512)
     parser.add_argument("--synthetic_val_size", type=int, default=64)
@@ -206,39 +223,39 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="skip (and count) unreadable images instead of stopping")
 
     # run
-    parser.add_argument("--output_dir", default="", help="where to save checkpoints, logs and event files")
+    books("--output_dir", default="", help="where to save checkpoints, logs and event files")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", default=42, type=int)
-    parser.add_argument("--resume", default="", help="checkpoint path, https URL, or 'auto' (<output_dir>/checkpoint.pth if present)")
+    books("--resume", default="", help="checkpoint path, https URL, or 'auto' (<output_dir>/checkpoint.pth if present)")
     parser.add_argument("--finetune_from", default="", help="load model weights only (heads that do not fit are re-initialised)")
-    parser.add_argument("--trust_checkpoint", action="store_true",
+    books("--trust_checkpoint", action="store_true",
                         help="allow checkpoints that need full unpickling (only for files you trust)")
-    parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
-    parser.add_argument("--overwrite", action="store_true",
+    books("--start_epoch", default=0, type=int, metavar="N")
+    books("--overwrite", action="store_true",
                         help="start over in an --output_dir that holds a run: deletes its checkpoints, logs and events")
-    parser.add_argument("--owner_timeout", default=lease.DEFAULT_TIMEOUT_S, type=number(0.0, low_open=True),
+    books("--owner_timeout", default=lease.DEFAULT_TIMEOUT_S, type=number(0.0, low_open=True),
                         metavar="SECONDS",
                         help="a run folder's owner on another host without a heartbeat for this long is taken over "
                              "(README: Run folders)")
     parser.add_argument("--eval", action="store_true", help="evaluate the weights of --resume and exit")
-    parser.add_argument("--save_detections", action="store_true",
+    books("--save_detections", action="store_true",
                         help="with --eval: write the evaluated split's detections as COCO results "
                              "(<output_dir>/detections.json)")
     parser.add_argument("--eval_untrained", action="store_true",
                         help="allow --eval without --resume: score the untrained model on purpose")
     parser.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
-    parser.add_argument("--coco_backend", default="faster_coco_eval", choices=COCO_BACKENDS,
+    books("--coco_backend", default="faster_coco_eval", choices=COCO_BACKENDS,
                         help="COCO scoring: faster_coco_eval (C++, same 12 numbers, several times faster) or "
                              "pycocotools (the reference)")
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
-    parser.add_argument("--log_every", default=20, type=int, help="progress line and TensorBoard point every N steps")
-    parser.add_argument("--save_every", default=100, type=int, help="keep checkpoint{epoch:04}.pth every N epochs")
+    books("--log_every", default=20, type=int, help="progress line and TensorBoard point every N steps")
+    books("--save_every", default=100, type=int, help="keep checkpoint{epoch:04}.pth every N epochs")
     parser.add_argument("--skip_nonfinite", default=0, type=int,
                         help="skip up to N batches with a non-finite loss (default: stop at the first)")
     parser.add_argument("--max_iters_per_epoch", default=0, type=int, help="cap steps per epoch (0: all; tests)")
     parser.add_argument("--world_size", default=1, type=int, help="set from the launcher's environment")
-    parser.add_argument("--dist_url", default="env://")
+    books("--dist_url", default="env://")
     return parser
 
 
@@ -390,4 +407,6 @@ def ablation_summary(args) -> str:
             f"match cost {args.set_cost_class:g}); num_queries {args.num_queries}{masks}")
 
 
-ARCH_FLAGS = architecture_flags(get_args_parser())
+_DEFINITIONS = get_args_parser()
+ARCH_FLAGS = architecture_flags(_DEFINITIONS)
+BOOKKEEPING_FLAGS = marked_flags(_DEFINITIONS, "bookkeeping")

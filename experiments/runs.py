@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
+from options import BOOKKEEPING_FLAGS
+from util.dist import RUNTIME_KEYS
 from util.errors import UserError
 from util.tb import EVAL_TAG_PREFIXES, METRIC_TAGS, hparam_value
 
-# Flags that name this run's own files or restart state, or change no number of the run (the COCO backends
-# score alike, logging intervals, the cache folder): they differ between runs without being ablations, and
-# are neither columns nor a reason to keep two seeds apart.
-PER_RUN_FLAGS = frozenset({"output_dir", "resume", "start_epoch", "dist_url", "rank", "gpu", "local_rank",
-                           "synthetic_root", "coco_backend", "log_every", "save_every", "trust_checkpoint"})
+# what compare.py neither shows as a column nor lets keep two seeds apart: the flags marked bookkeeping where
+# they are defined (options.py) and the per-process values main.py stores beside the flags
+PER_RUN_FLAGS = frozenset(BOOKKEEPING_FLAGS) | frozenset(RUNTIME_KEYS)
 SEED_FLAG = "seed"
 MISSING = "-"
 # '<name>/seed3' (sweep files with seeds) and '<name>_seed3' / '<name>-seed3' name one seed of <name>

@@ -73,6 +73,10 @@ def reduce_dict(values: dict, average: bool = True) -> dict:
 # ----------------------------------------------------------------------------- process group setup
 # (launchers: torchrun / torch.distributed.launch --use_env, srun, submitit; README section "Slurm")
 
+# what init_distributed_mode sets on args besides the flags: this process's place in the job, not a setting
+RUNTIME_KEYS = ("rank", "gpu", "distributed", "dist_backend")
+
+
 def init_distributed_mode(args) -> None:
     """Join the process group the launcher describes; sets args.rank, world_size, gpu, distributed.
 
