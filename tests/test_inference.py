@@ -133,6 +133,23 @@ def test_official_checkpoint_architecture_from_weights_and_coco_names(tmp_path):
     assert load_detector(str(tmp_path / "other.pth")).class_names is None  # ids only: names cannot be known
 
 
+def test_segmentation_checkpoint_gives_its_detector(tmp_path):
+    """DETR's panoptic files (the detector under 'detr.', a mask head beside it): the detector's weights, its
+    outputs on an image equal the segmentation model's box outputs."""
+    torch.manual_seed(2)
+    segm = build_detr(backbone="resnet18", hidden_dim=32, enc_layers=1, dec_layers=2, dim_feedforward=40,
+                      num_queries=7, num_classes=250, masks=True).eval()
+    torch.save({"model": segm.state_dict(), "args": argparse.Namespace(lr=1e-4)}, tmp_path / "detr-panoptic.pth")
+    detector = load_detector(str(tmp_path / "detr-panoptic.pth"))
+    assert detector.config["masks"] is False and detector.config["num_classes"] == 250
+    assert detector.model.state_dict().keys() == segm.detr.state_dict().keys()
+    image = [torch.rand(3, 64, 96)]
+    with torch.no_grad():
+        got, want = detector.model(image), segm(image)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(got[key], want[key])
+
+
 def test_load_detector_errors_are_one_line(tmp_path):
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     torch.save({"optimizer": {}}, tmp_path / "no_model.pth")
