@@ -127,7 +127,8 @@ def test_missing_coco_path_is_one_clear_line(tmp_path):
     result = run_cli(["--dataset_file", "coco", "--coco_path", str(missing), "--device", "cpu",
                       "--backbone_weights", "none", "--num_classes", "91"])
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"annotation file {missing}/annotations/instances_val2017.json not found" in result.stderr
+    # every path is checked before anything is loaded, the training split's first
+    assert f"annotation file {missing}/annotations/instances_train2017.json not found" in result.stderr
 
 
 def test_invalid_flag_combination_fails_at_parse_time():
