@@ -16,10 +16,12 @@ from torch import Tensor, nn
 
 import datasets
 from datasets.class_names import default_class_names
+from datasets.coco_panoptic import COCO_PANOPTIC_NUM_CLASSES, COCO_PANOPTIC_STUFF_IDS
 from models import build_detr, build_postprocessor, detr_kwargs
+from models.postprocess_segm import PostProcessPanoptic
 from options import ARCH_FLAGS, get_args_parser, resolve_loss
 from util import run_config
-from util.checkpoint import detector_weights, load_checkpoint, load_model_weights
+from util.checkpoint import load_checkpoint, load_model_weights
 from util.errors import UserError
 from util.misc import nested_tensor_from_tensor_list
 
@@ -49,6 +51,9 @@ class Detector:
     transform: Callable  # PIL image -> normalised (3, H, W) model input (the run's validation transform)
     config: dict  # the checkpoint's stored flags (none for DETR's files) with the architecture flags as built
     source: str  # the checkpoint path or URL
+    # segmentation checkpoints (--masks): the panoptic post-processor (outputs, processed sizes, target sizes);
+    # None for detectors, and for a segmentation checkpoint that does not say which classes are stuff
+    panoptic: Optional[nn.Module] = None
 
     @property
     def device(self) -> torch.device:
@@ -83,8 +88,9 @@ def load_detector(checkpoint: str, device: str = "cpu", trust: bool = False, che
 
     ``architecture``: main.py's architecture flags (options.ARCH_FLAGS), for what a checkpoint cannot tell:
     a value that contradicts the checkpoint is a UserError. A DETR file whose name contains 'dc5' is built
-    dilated. A segmentation checkpoint (``--masks``, DETR's panoptic files) gives its detector: boxes, no
-    masks. ``trust`` allows checkpoints that need full unpickling (main.py's --trust_checkpoint);
+    dilated. A segmentation checkpoint (``--masks``, DETR's panoptic files) gives the segmentation model, whose
+    outputs the box post-processor reads as a detector's, and ``panoptic``, its panoptic post-processor (stuff
+    classes: stored by main.py; COCO panoptic's for DETR's files). ``trust`` allows checkpoints that need full unpickling (main.py's --trust_checkpoint);
     ``check_hash`` and ``offline_hint`` are util.checkpoint.load_checkpoint's. Bad files raise UserError.
     """
     unknown = sorted(set(architecture) - set(ARCH_FLAGS))
@@ -106,20 +112,24 @@ def load_detector(checkpoint: str, device: str = "cpu", trust: bool = False, che
         if "dilation" not in architecture:
             args.dilation = "dc5" in os.path.basename(checkpoint).lower()
         run_config.infer_official_config(state, checkpoint, args, set(architecture))
-    if args.masks:  # a segmentation checkpoint: its detector draws the boxes, the mask head is not used
-        state, args.masks = detector_weights(state), False
     resolve_loss(args)
     if args.num_classes is None:
         raise UserError(f"{checkpoint} does not say its number of classes (no num_classes in its config, no "
                         f"class_embed weights)")
-    model = build_detr(**{**detr_kwargs(vars(args)), "aux_loss": False})
+    model = build_detr(**{**detr_kwargs(vars(args)), "aux_loss": False, "freeze_detector": False})
     load_model_weights(model, state)
     model.to(device).eval()
     dataset_file = stored.get("dataset_file") if stored else None
     class_names = ckpt.get("class_names") or default_class_names(dataset_file, args.num_classes)
     transform = datasets.eval_transform(stored)
     postprocessor = build_postprocessor(args.cls_loss, args.num_queries, args.num_detections)
+    stuff = ckpt.get("stuff_ids")
+    if stuff is None and dataset_file in (None, "coco_panoptic") and args.num_classes == COCO_PANOPTIC_NUM_CLASSES:
+        stuff = COCO_PANOPTIC_STUFF_IDS  # DETR's panoptic files store no configuration
+    panoptic = None
+    if args.masks and stuff is not None:
+        panoptic = PostProcessPanoptic(stuff, (stored or {}).get("panoptic_threshold"), args.cls_loss)
     return Detector(model=model, postprocessor=postprocessor,
                     class_names=None if class_names is None else {int(k): str(v) for k, v in class_names.items()},
                     transform=transform, config={**(stored or {}), **{f: getattr(args, f) for f in ARCH_FLAGS}},
-                    source=checkpoint)
+                    source=checkpoint, panoptic=panoptic)

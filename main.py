@@ -127,6 +127,7 @@ class Trainer:
     n_parameters: int = 0  # trainable parameters (log.txt, as DETR)
     resumed_metrics: Optional[dict] = None  # the named COCO metrics of the checkpoint's last evaluation
     class_names: Optional[dict] = None  # {category id: name} of the dataset, stored in checkpoints
+    stuff_ids: Optional[list] = None  # --masks: the panoptic set's stuff category ids, stored in checkpoints
 
     @property
     def output_dir(self) -> Optional[Path]:
@@ -147,7 +148,8 @@ class Trainer:
         state = {"model": self.model_without_ddp.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "lr_scheduler": self.lr_scheduler.state_dict(), "epoch": epoch, "iteration": iteration,
                  "config": self.config, "rng": ckpt.rng_state(), "tb_step": self.tb_step,
-                 "log_stats": log_stats, "metrics": metrics or {}, "class_names": self.class_names}
+                 "log_stats": log_stats, "metrics": metrics or {}, "class_names": self.class_names,
+                 "stuff_ids": self.stuff_ids}
         ckpt.atomic_save(state, self.output_dir / name)
 
     def write_json(self, name: str, obj) -> None:
@@ -246,8 +248,8 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
 
     seed_everything(args.seed + dist.get_rank())
     weights = "none" if (checkpoint is not None or frozen is not None or args.finetune_from) else args.backbone_weights
-    model, criterion, postprocessors = build_model(
-        args, backbone_weights=weights, stuff_ids=datasets.stuff_ids(args) if args.masks else None)
+    stuff_ids = datasets.stuff_ids(args) if args.masks else None  # the panoptic post-processor merges stuff
+    model, criterion, postprocessors = build_model(args, backbone_weights=weights, stuff_ids=stuff_ids)
     model.to(device)
     model_without_ddp = model
     if frozen is not None:
@@ -287,7 +289,8 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     trainer = Trainer(args, config, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
                       device, folder, start_epoch=args.start_epoch, n_parameters=n_parameters,
-                      class_names=datasets.class_names_of(dataset_val))
+                      class_names=datasets.class_names_of(dataset_val),
+                      stuff_ids=None if stuff_ids is None else sorted(stuff_ids))
     if checkpoint is not None and "optimizer" in checkpoint and "lr_scheduler" in checkpoint:
         trainer.restore(checkpoint, resume_path, explicit)
     dataset_train = datasets.build_dataset("train", args)

@@ -7,7 +7,9 @@ Writes into OUT:
   file_name and category_name, for every detection scoring at least --threshold;
 - ``<name>_boxes.png`` per image: its boxes, class names and scores (the image's size times --vis_scale);
 - with --attention, ``<name>_attention.png`` per image: for its top detections, the last decoder layer's
-  co-attention per head and, for SMCA models, each head's spatial prior, overlaid on the image.
+  co-attention per head and, for SMCA models, each head's spatial prior, overlaid on the image;
+- for a segmentation checkpoint (--masks), ``<name>_panoptic.png`` per image: its panoptic segmentation, each
+  segment tinted, outlined and named (the evaluation's post-processing, at the image's size).
 
 The architecture, class names and input transform come from the checkpoint (inference.load_detector).
 """
@@ -30,7 +32,8 @@ from util.box_ops import box_cxcywh_to_xyxy
 from util.checkpoint import atomic_write_text
 from util.errors import UserError
 from util.misc import nested_tensor_from_tensor_list
-from util.visualize import AttentionRow, class_colour, draw_detections, plot_attention, query_panels
+from util.visualize import (AttentionRow, class_colour, draw_detections, draw_panoptic, plot_attention,
+                            query_panels)
 
 # Sigmoid (focal) scores run lower than softmax ones: a focal model's good detections often score 0.4-0.6,
 # which DETR's 0.7 would hide. 0.3 is the usual cut for focal-loss DETRs' pictures.
@@ -196,6 +199,15 @@ def predict(args) -> List[dict]:
     return records
 
 
+def panoptic_segmentation(detector: Detector, outputs: dict, input_size, image: Image.Image) -> dict:
+    """The panoptic segmentation of one image at its own size: 'segments' (H, W), 0 = VOID, k = the k-th entry of
+    'segments_info' ({'id', 'category_id', 'isthing', 'area'}), as the evaluation's post-processor makes it."""
+    processed = torch.tensor([input_size], device=detector.device)
+    target = torch.tensor([[image.height, image.width]], device=detector.device)
+    result = detector.panoptic(outputs, processed, target)[0]
+    return {"segments": result["segments"].cpu(), "segments_info": result["segments_info"]}
+
+
 def run_one(detector: Detector, image: Image.Image, image_id: int, file_name: str, name: str, output_dir: Path,
             args) -> List[dict]:
     tensor = detector.transform(image)  # (3, h, w)
@@ -212,6 +224,11 @@ def run_one(detector: Detector, image: Image.Image, image_id: int, file_name: st
     picture = draw_detections(image, result["boxes"].numpy(), result["labels"].tolist(),
                               [r["category_name"] for r in records], result["scores"].tolist(), args.vis_scale)
     picture.save(output_dir / f"{name}_boxes.png", optimize=True)
+    if detector.panoptic is not None:
+        panoptic = panoptic_segmentation(detector, outputs, tuple(tensor.shape[-2:]), image)
+        names = [class_name(detector.class_names, info["category_id"]) for info in panoptic["segments_info"]]
+        draw_panoptic(image, panoptic["segments"].numpy(), panoptic["segments_info"], names,
+                      args.vis_scale).save(output_dir / f"{name}_panoptic.png", optimize=True)
     if args.attention:
         rows = attention_rows(detector, outputs, maps, tuple(tensor.shape[-2:]), image, args.threshold,
                               args.attention_top)

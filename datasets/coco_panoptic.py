@@ -31,6 +31,8 @@ PANOPTIC_LAYOUT = ("--coco_panoptic_path with annotations/panoptic_{train,val}20
                    "panoptic_{train,val}2017/")
 # DETR's class count for COCO panoptic: "large enough to hold max_obj_id + 1" (category ids reach 200)
 COCO_PANOPTIC_NUM_CLASSES = 250
+# COCO panoptic's stuff category ids (its things keep COCO's ids 1..90): DETR's is_thing_map is False for these
+COCO_PANOPTIC_STUFF_IDS = frozenset(range(92, 201))
 
 
 def rgb2id(rgb: np.ndarray) -> np.ndarray:

@@ -27,8 +27,10 @@ class CoAttentionMaps:
 
 @torch.no_grad()
 def co_attention_maps(model: nn.Module, samples: NestedTensor) -> Tuple[Dict[str, Tensor], CoAttentionMaps]:
-    """Run ``model`` (a DETR) in eval mode on ``samples``; returns its outputs and the last decoder layer's maps."""
-    decoder = model.transformer.decoder
+    """Run ``model`` (a DETR, or a DETRsegm around one) in eval mode on ``samples``; returns its outputs and the
+    last decoder layer's maps."""
+    detector = getattr(model, "detr", model)  # DETRsegm keeps its detector under .detr
+    decoder = detector.transformer.decoder
     priors = getattr(decoder, "priors", None)
     captured: Dict[str, Tensor] = {}
 
@@ -46,7 +48,7 @@ def co_attention_maps(model: nn.Module, samples: NestedTensor) -> Tuple[Dict[str
         captured["centres"] = centre.float()[:, None] + offsets
         captured["prior"] = module.log_prior(*args)  # (B, nhead, Q, HW)
 
-    handles = [model.backbone.register_forward_hook(features),
+    handles = [detector.backbone.register_forward_hook(features),
                decoder.layers[-1].multihead_attn.register_forward_hook(co_attention, with_kwargs=True)]
     if priors is not None:
         handles.append(priors[-1].register_forward_hook(prior))
@@ -72,5 +74,5 @@ def co_attention_maps(model: nn.Module, samples: NestedTensor) -> Tuple[Dict[str
         prior=grid(captured["prior"]) if "prior" in captured else None,
         centres=captured.get("centres"),
         prior_mask=prior_mask,
-        stride=model.backbone.stride,
+        stride=detector.backbone.stride,
     )

@@ -133,21 +133,25 @@ def test_official_checkpoint_architecture_from_weights_and_coco_names(tmp_path):
     assert load_detector(str(tmp_path / "other.pth")).class_names is None  # ids only: names cannot be known
 
 
-def test_segmentation_checkpoint_gives_its_detector(tmp_path):
-    """DETR's panoptic files (the detector under 'detr.', a mask head beside it): the detector's weights, its
-    outputs on an image equal the segmentation model's box outputs."""
+def test_segmentation_checkpoint_gives_boxes_and_coco_panoptic_stuff(tmp_path):
+    """DETR's panoptic files (the detector under 'detr.', the mask head beside it, no configuration): the whole
+    model loads, its box outputs go through the box post-processor as a detector's, and the panoptic
+    post-processor takes COCO panoptic's stuff classes (ids 92-200)."""
     torch.manual_seed(2)
     segm = build_detr(backbone="resnet18", hidden_dim=32, enc_layers=1, dec_layers=2, dim_feedforward=40,
                       num_queries=7, num_classes=250, masks=True).eval()
     torch.save({"model": segm.state_dict(), "args": argparse.Namespace(lr=1e-4)}, tmp_path / "detr-panoptic.pth")
     detector = load_detector(str(tmp_path / "detr-panoptic.pth"))
-    assert detector.config["masks"] is False and detector.config["num_classes"] == 250
-    assert detector.model.state_dict().keys() == segm.detr.state_dict().keys()
-    image = [torch.rand(3, 64, 96)]
+    assert detector.config["masks"] is True and detector.config["num_classes"] == 250
+    assert detector.panoptic.stuff_ids == frozenset(range(92, 201))
+    assert all(torch.equal(v, segm.state_dict()[k]) for k, v in detector.model.state_dict().items())
+    image = Image.new("RGB", (96, 64), (120, 40, 200))
     with torch.no_grad():
-        got, want = detector.model(image), segm(image)
-    for key in ("pred_logits", "pred_boxes"):
-        torch.testing.assert_close(got[key], want[key])
+        want = segm(nested_tensor_from_tensor_list([detector.transform(image)]))
+    (got,) = detector([image])
+    (direct,) = detector.postprocessor(want, torch.tensor([[64, 96]]))
+    for key in ("scores", "labels", "boxes"):
+        torch.testing.assert_close(got[key], direct[key])
 
 
 def test_load_detector_errors_are_one_line(tmp_path):

@@ -77,6 +77,9 @@ def test_frozen_weights_train_only_the_mask_head(two_stage):
     box_model = torch.load(base / "boxes" / "checkpoint.pth", weights_only=True)["model"]
     segm = torch.load(base / "masks" / "checkpoint.pth", weights_only=True)
     assert segm["config"]["masks"] and segm["config"]["dataset_file"] == "synthetic_panoptic"
+    panoptic_json = json.loads(next((base / "data").glob("panoptic-*/annotations/panoptic_val2017.json")).read_text())
+    stuff = sorted(c["id"] for c in panoptic_json["categories"] if not c["isthing"])
+    assert stuff and segm["stuff_ids"] == stuff  # for predict.py's panoptic pictures
     detector = {k.removeprefix("detr."): v for k, v in segm["model"].items() if k.startswith("detr.")}
     assert detector.keys() == box_model.keys()
     changed = [k for k in detector if not torch.equal(detector[k], box_model[k])]

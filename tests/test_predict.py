@@ -1,6 +1,7 @@
 """predict.py end to end on synthetic images with a tiny trained checkpoint: the JSON equals the model and its
 post-processor run directly, the pictures decode at the image's size, the attention figure's arrays are the
-model's own attention and spatial prior, and bad input is one line."""
+model's own attention and spatial prior, a segmentation checkpoint's panoptic picture is the post-processor's
+segmentation drawn, and bad input is one line."""
 import json
 import os
 import subprocess
@@ -16,10 +17,10 @@ import predict
 from datasets.coco import CocoDetection
 from datasets.transforms import make_coco_transforms, scaled_coco_transform_params
 from inference import load_detector
-from models import build_detr
+from models import build_detr, detr_kwargs
 from models.attention_maps import co_attention_maps
 from util.misc import nested_tensor_from_tensor_list
-from util.visualize import layout_tags, query_panels
+from util.visualize import class_colour, draw_panoptic, layout_tags, query_panels
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -272,3 +273,54 @@ def test_label_tags_do_not_cover_each_other():
         for j in range(i):
             (xi, yi, wi, hi), (xj, yj, wj, hj) = tags[i], tags[j]
             assert xi + wi <= xj or xj + wj <= xi or yi + hi <= yj or yj + hj <= yi
+
+
+def test_panoptic_picture_tints_segments_outlines_them_and_leaves_void_alone():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    segments = np.zeros((40, 60), dtype=np.int64)  # VOID on the left third
+    segments[:, 20:40], segments[:, 40:] = 1, 2
+    infos = [{"id": 1, "category_id": 7, "isthing": True}, {"id": 2, "category_id": 9, "isthing": False}]
+    picture = np.asarray(draw_panoptic(image, segments, infos, ["", ""], opacity=0.5)).astype(int)  # no text
+    pixels = np.asarray(image).astype(int)
+    assert (picture[:, :19] == pixels[:, :19]).all()  # VOID: the image as it is
+    assert (picture[:, [19, 39]] == 255).all()  # outlines between segments
+    for k, columns in ((1, slice(20, 39)), (2, slice(40, 60))):
+        expected = np.round(0.5 * pixels[:, columns] + 0.5 * np.array(class_colour(k)))
+        assert np.abs(picture[:, columns] - expected).max() <= 1, k
+    assert picture.shape == (40, 60, 3)
+
+
+def test_segmentation_checkpoint_draws_its_panoptic_segmentation(tiny_checkpoint, tmp_path):
+    """A --masks checkpoint whose every query says 'square' with certainty, square stored as a stuff class: the
+    queries merge into one segment over the whole image; predict.py draws it at the image's size, as
+    draw_panoptic draws the post-processor's output run directly, and its attention figure too."""
+    path, synthetic_root = tiny_checkpoint
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    config = {**stored["config"], "masks": True, "dynamic_scale": "none", "head_mixture": False,
+              "query_mixture": False, "cls_loss": "ce", "panoptic_threshold": 0.85}
+    torch.manual_seed(0)
+    model = build_detr(**{**detr_kwargs(config), "freeze_detector": False})
+    with torch.no_grad():
+        model.detr.class_embed.weight.zero_()
+        model.detr.class_embed.bias.fill_(-10.0)
+        model.detr.class_embed.bias[1] = 10.0  # square
+    torch.save({"model": model.state_dict(), "config": config, "class_names": stored["class_names"],
+                "stuff_ids": [1]}, tmp_path / "segm.pth")
+    detector = load_detector(str(tmp_path / "segm.pth"))
+    assert detector.panoptic is not None and detector.panoptic.stuff_ids == {1}
+    image_path = sorted(val_set(synthetic_root).img_folder.glob("*.jpg"))[0]
+    assert predict.cli(["--resume", str(tmp_path / "segm.pth"), str(image_path), "--output_dir",
+                        str(tmp_path / "out"), "--attention"]) == 0
+    assert Image.open(tmp_path / "out" / f"{image_path.stem}_attention.png").size[0] > 0  # hooks on its detector
+    image = Image.open(image_path).convert("RGB")
+    tensor = detector.transform(image)
+    with torch.no_grad():
+        outputs = detector.model(nested_tensor_from_tensor_list([tensor]))
+    direct = predict.panoptic_segmentation(detector, outputs, tuple(tensor.shape[-2:]), image)
+    assert direct["segments_info"] == [{"id": 1, "category_id": 1, "isthing": False,
+                                        "area": image.width * image.height}]
+    assert (direct["segments"] == 1).all() and direct["segments"].shape == (image.height, image.width)
+    drawn = Image.open(tmp_path / "out" / f"{image_path.stem}_panoptic.png")
+    assert drawn.size == image.size
+    expected = draw_panoptic(image, direct["segments"].numpy(), direct["segments_info"], ["square"])
+    assert np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(expected))

@@ -63,6 +63,35 @@ def draw_detections(image: Image.Image, boxes: np.ndarray, category_ids: Sequenc
     return canvas
 
 
+def draw_panoptic(image: Image.Image, segments: np.ndarray, infos: Sequence[dict], names: Sequence[str],
+                  scale: float = 1.0, opacity: float = 0.55) -> Image.Image:
+    """The image (resized by ``scale``) with each panoptic segment tinted in its own colour, outlined, and named at
+    its pixel nearest the segment's centroid; VOID pixels (0) keep the image as it is. segments: (H, W) ints at
+    the image's size, k = the k-th entry of ``infos`` (PostProcessPanoptic's 'segments' / 'segments_info')."""
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    ids = np.asarray(Image.fromarray(np.asarray(segments, dtype=np.int32)).resize(size, Image.NEAREST))
+    base = np.asarray(image.convert("RGB").resize(size, Image.NEAREST), dtype=np.float32)
+    colours = np.array([(0, 0, 0)] + [class_colour(k) for k in range(1, len(infos) + 1)], dtype=np.float32)
+    alpha = np.where(ids > 0, opacity, 0.0)[..., None]  # (H, W, 1)
+    tinted = (1 - alpha) * base + alpha * colours[ids]
+    edges = np.zeros(ids.shape, dtype=bool)  # pixels whose right or lower neighbour is another segment
+    edges[:, :-1] |= ids[:, 1:] != ids[:, :-1]
+    edges[:-1] |= ids[1:] != ids[:-1]
+    tinted[edges] = 255
+    canvas = Image.fromarray(tinted.round().astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(max(10, round(min(size) / 28)))
+    for k, name in enumerate(names, start=1):
+        ys, xs = np.nonzero(ids == k)
+        if len(xs) == 0:
+            continue
+        nearest = np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2)
+        colour = tuple(int(c) for c in colours[k])
+        draw.text((int(xs[nearest]), int(ys[nearest])), name, fill=_text_colour(colour), font=font, anchor="mm",
+                  stroke_width=max(1, round(min(size) / 200)), stroke_fill=colour)
+    return canvas
+
+
 def layout_tags(boxes: np.ndarray, sizes: Sequence[Tuple[float, float]], scores: Sequence[float],
                 canvas: Tuple[int, int]) -> List[Tuple[float, float, float, float]]:
     """(x, y, w, h) of each box's label tag of size ``sizes[k]`` inside the canvas (width, height): above the box,
