@@ -58,20 +58,31 @@ def load_coco_api(ann_file) -> COCO:
     """pycocotools COCO without its progress prints; unreadable JSON is a UserError. Parsed once per process
     and file version (path, size, mtime): deriving --num_classes and building the dataset share one parse of
     a large file (COCO's training annotations are about 450 MB). Callers treat the object as read-only."""
+    return _parse_coco_api(*file_version(ann_file, "annotation file"))
+
+
+def file_version(path, what: str) -> tuple:
+    """(absolute path, size, mtime_ns) of a file, the key of a per-process parse cache; a missing file is a
+    UserError 'cannot read <what> <path>'."""
     try:
-        stat = os.stat(ann_file)
+        stat = os.stat(path)
     except OSError as e:
-        raise UserError(f"cannot read annotation file {ann_file}: {e}") from e
-    return _parse_coco_api(os.path.abspath(ann_file), stat.st_size, stat.st_mtime_ns)
+        raise UserError(f"cannot read {what} {path}: {e}") from e
+    return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
+
+
+def read_json(path: str, what: str):
+    """A JSON file's content; unreadable or malformed is a UserError 'cannot read <what> <path>'."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {what} {path}: {e}") from e
 
 
 @functools.lru_cache(maxsize=4)
 def _parse_coco_api(ann_file: str, size: int, mtime_ns: int) -> COCO:
-    try:
-        with open(ann_file) as f:
-            dataset = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read annotation file {ann_file}: {e}") from e
+    dataset = read_json(ann_file, "annotation file")
     if not isinstance(dataset, dict) or "images" not in dataset:
         raise UserError(f"annotation file {ann_file} is not COCO format (no 'images' list)")
     dataset.setdefault("annotations", [])

@@ -13,8 +13,6 @@ Box and mask AP are scored against the instances file (``annotations/instances_v
 import contextlib
 import functools
 import io
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ from torchvision.ops import masks_to_boxes
 
 from util.errors import UserError
 
-from .coco import CocoDetection, _BadImage, coco_paths, load_coco_api
+from .coco import CocoDetection, _BadImage, coco_paths, file_version, load_coco_api, read_json
 
 PANOPTIC_LAYOUT = ("--coco_panoptic_path with annotations/panoptic_{train,val}2017.json and the PNG folders "
                    "panoptic_{train,val}2017/")
@@ -61,20 +59,12 @@ def load_panoptic_json(ann_file) -> dict:
     """A COCO panoptic JSON; unreadable or malformed is a UserError naming the file. Parsed once per process and
     file version (as coco.load_coco_api): the post-processor's stuff classes and the dataset share the parse.
     Callers treat the dict as read-only."""
-    try:
-        stat = os.stat(ann_file)
-    except OSError as e:
-        raise UserError(f"cannot read panoptic annotation file {ann_file}: {e}") from e
-    return _parse_panoptic_json(os.path.abspath(ann_file), stat.st_size, stat.st_mtime_ns)
+    return _parse_panoptic_json(*file_version(ann_file, "panoptic annotation file"))
 
 
 @functools.lru_cache(maxsize=4)
 def _parse_panoptic_json(ann_file: str, size: int, mtime_ns: int) -> dict:
-    try:
-        with open(ann_file) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read panoptic annotation file {ann_file}: {e}") from e
+    data = read_json(ann_file, "panoptic annotation file")
     missing = [key for key in ("images", "annotations", "categories") if not isinstance(data, dict) or key not in data]
     if missing:
         raise UserError(f"{ann_file} is not a COCO panoptic file (no {', '.join(missing)})")
