@@ -19,6 +19,8 @@ _HOME = []
 def pytest_configure(config):
     # tests/test_slurm.py marks its module; registered here so `-m "not slurm"` works without a warning
     config.addinivalue_line("markers", "slurm: needs a local Slurm cluster (tests/slurm_cluster.py)")
+    # `bash scripts/test.sh --quick` runs the tests marked quick: a few fast ones per module, for before a commit
+    config.addinivalue_line("markers", "quick: part of the quick tier (scripts/test.sh --quick)")
     # Tests write only under temporary folders. Each test passes its own (--synthetic_root, --output_dir under
     # tmp_path); as a guarantee, whatever still falls back to the home folder (the synthetic set's default
     # cache, torch.hub, matplotlib's cache), here or in a subprocess or Slurm job, lands in a private home
