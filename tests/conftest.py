@@ -125,13 +125,10 @@ TINY_TRAIN_FLAGS = ["--backbone", "resnet18", "--backbone_weights", "none", "--h
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """(checkpoint path, synthetic root) of a real main.py run: one epoch of two steps."""
-    import os
-    import subprocess
+    from tests.cli import run_main
 
     synthetic_root = tmp_path_factory.mktemp("synthetic_tiny")
     out = tmp_path_factory.mktemp("tiny_run")
-    result = subprocess.run([sys.executable, "main.py", *TINY_TRAIN_FLAGS, "--synthetic_root", str(synthetic_root),
-                             "--output_dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    result = run_main([*TINY_TRAIN_FLAGS, "--synthetic_root", str(synthetic_root), "--output_dir", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "checkpoint.pth", synthetic_root

@@ -1,18 +1,14 @@
 """End-to-end: training lowers the loss, train+eval writes the run files, resume is exact, bad input fails cleanly."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import main
 from models import build_model
+from tests.cli import run_main
 from util.misc import collate_fn
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--dim_feedforward", "64",
         "--enc_layers", "1", "--dec_layers", "2", "--nheads", "4", "--num_queries", "10", "--batch_size", "2",
         "--synthetic_train_size", "8", "--synthetic_val_size", "4", "--synthetic_image_size", "64",
@@ -24,10 +20,9 @@ def synthetic_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("synthetic"))
 
 
-def run_cli(argv, cwd=REPO, timeout=300):
-    """main.py in a subprocess (exit codes and stderr are part of the contract)."""
-    return subprocess.run([sys.executable, "main.py", *argv], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def run_cli(argv):
+    """main.py's command line, in this interpreter (exit codes and stderr are part of the contract)."""
+    return run_main(argv)
 
 
 def tiny_args(synthetic_root, *extra):
@@ -109,9 +104,8 @@ def test_explicit_flag_conflicting_with_checkpoint_is_an_error(trained_run, synt
 
 
 def test_resume_from_unreachable_url_is_a_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, "main.py", "--eval", "--resume", "https://127.0.0.1:9/detr-r50.pth",
-                             "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "TORCH_HOME": str(tmp_path)})
+    result = run_main(["--eval", "--resume", "https://127.0.0.1:9/detr-r50.pth", "--device", "cpu"],
+                      TORCH_HOME=str(tmp_path))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: could not download https://127.0.0.1:9/detr-r50.pth")
@@ -232,12 +226,10 @@ def test_resumed_run_continues_the_same_curves_and_log(tmp_path, synthetic_root)
 def test_imagenet_weights_offline_is_a_clear_error(tmp_path, synthetic_root):
     """DETR's default backbone weights come from torchvision's URL; offline the message names the way out.
     (Where the download works, the run simply starts; the check is on the message, not on the network.)"""
-    result = subprocess.run([sys.executable, "main.py", "--backbone", "resnet18", "--device", "cpu",
-                             "--synthetic_root", synthetic_root, "--synthetic_train_size", "8",
-                             "--synthetic_val_size", "4", "--synthetic_image_size", "64", "--epochs", "1",
-                             "--max_iters_per_epoch", "1", "--output_dir", str(tmp_path / "run")],
-                            cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "TORCH_HOME": str(tmp_path / "torch")})
+    result = run_main(["--backbone", "resnet18", "--device", "cpu", "--synthetic_root", synthetic_root,
+                       "--synthetic_train_size", "8", "--synthetic_val_size", "4", "--synthetic_image_size", "64",
+                       "--epochs", "1", "--max_iters_per_epoch", "1", "--output_dir", str(tmp_path / "run")],
+                      TORCH_HOME=str(tmp_path / "torch"))
     if result.returncode == 0:
         pytest.skip("the ImageNet weights could be downloaded here")
     assert result.returncode == 2 and "Traceback" not in result.stderr
