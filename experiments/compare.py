@@ -298,9 +298,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nwrote {' and '.join(written)}")
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """The command line: exit code 2 with one line for bad input."""
     try:
-        main()
+        main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

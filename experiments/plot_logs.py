@@ -236,9 +236,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"wrote {args.out} ({len(logs)} runs: {', '.join(label for label, _ in logs)})")
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """The command line: exit code 2 with one line for bad input."""
     try:
-        main()
+        main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -152,3 +152,13 @@ class Watched:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def run_script(module: str, argv) -> subprocess.CompletedProcess:
+    """One of the project's command-line scripts (``predict``, ``experiments.compare``, ...) run in this
+    interpreter through its entry function (``cli`` or ``main``), as ``run_main`` does for main.py."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    entry = getattr(mod, "cli", None) or getattr(mod, "main")
+    return run_in_process(entry, [module, *map(str, argv)])

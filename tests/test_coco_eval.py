@@ -230,23 +230,21 @@ def test_evaluate_reports_where_the_time_goes_with_either_backend(tmp_path, caps
 
 def test_main_eval_uses_the_coco_backend_flag(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    argv = [sys.executable, "main.py", "--eval", "--backbone", "resnet18", "--backbone_weights", "none",
+    from tests.cli import run_main
+
+    argv = ["--eval", "--backbone", "resnet18", "--backbone_weights", "none",
             "--hidden_dim", "32", "--dim_feedforward", "64", "--enc_layers", "1", "--dec_layers", "1", "--nheads", "4",
             "--num_queries", "10", "--batch_size", "2", "--synthetic_train_size", "2", "--synthetic_val_size", "4",
             "--synthetic_image_size", "64", "--synthetic_root", str(tmp_path / "data"), "--device", "cpu",
             "--num_workers", "0", "--output_dir", str(tmp_path / "run"), "--eval_untrained", "--coco_backend",
             "pycocotools"]
-    proc = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=600)
+    proc = run_main(argv)
     assert proc.returncode == 0, proc.stderr
     (match,) = EVAL_LINE.finditer(proc.stdout)
     assert match.group(1) == "4" and match.group(3) == "pycocotools"
     assert re.search(r"^  coco_backend +pycocotools$", proc.stdout, re.M)  # the block of non-default flags
     stats = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert {f"time_{p}" for p in ("data", "model", "loss", "postprocess", "gather", "scoring", "total")} <= set(stats)
-    bad = subprocess.run(argv[:-1] + ["lvis"], cwd=repo, capture_output=True, text=True, timeout=600)
+    bad = run_main(argv[:-1] + ["lvis"])
     assert bad.returncode == 2 and "argument --coco_backend: invalid choice: 'lvis'" in bad.stderr

@@ -4,14 +4,13 @@ import csv
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
 from experiments.compare import compare_table, default_out
 from experiments.runs import group_runs, load_runs
+from tests.cli import run_script
 from util.tb import COCO_METRIC_NAMES, RunLogger
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,8 +99,7 @@ EXPECTED_HEADER = ["run", "dynamic_scale", "query_mixture", "best AP", "epoch of
 
 
 def run_compare(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "experiments", "compare.py"), *args],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    return run_script("experiments.compare", args)
 
 
 def parse_markdown(stdout):

@@ -4,9 +4,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from datasets.class_names import COCO_CLASS_NAMES
 from datasets.coco import CocoDetection
 from datasets.transforms import make_coco_transforms, scaled_coco_transform_params
 from inference import load_detector
+from tests.cli import run_main
 from models import build_detr, build_model, build_postprocessor, detr_kwargs
 from util.errors import UserError
 from util.misc import nested_tensor_from_tensor_list
@@ -195,11 +193,6 @@ def test_detector_call_equals_model_and_postprocessor(tiny_checkpoint):
     for got, want in zip(detector(images), direct_results(detector, val_dataset(synthetic_root), [0, 1])):
         for key in ("scores", "labels", "boxes"):
             torch.testing.assert_close(got[key], want[key])
-
-
-def run_main(argv):
-    return subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def test_eval_save_detections_writes_the_coco_results_that_were_scored(tiny_checkpoint, tmp_path):

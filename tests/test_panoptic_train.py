@@ -2,14 +2,13 @@
 on the frozen detector), PQ and mask AP in the console, log.txt, TensorBoard and compare.py, and DETR's panoptic
 commands failing in one line without --coco_panoptic_path."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing import event_accumulator
+
+from tests.cli import run_main, run_script
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--backbone_norm", "batch", "--hidden_dim", "32",
@@ -22,9 +21,8 @@ DETR_PANOPTIC = {  # DETR's README: checkpoint -> the flags its command adds
 }
 
 
-def run_cli(argv, timeout=900, env=None):
-    return subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+def run_cli(argv, env=None):
+    return run_main(argv, **(env or {}))
 
 
 @pytest.mark.parametrize("checkpoint", list(DETR_PANOPTIC))
@@ -34,7 +32,7 @@ def test_detr_panoptic_command_without_coco_panoptic_path_is_one_clear_line(tmp_
     result = run_cli(["--no_aux_loss", "--eval", "--batch_size", "1", "--resume",
                       f"https://dl.fbaipublicfiles.com/detr/{checkpoint}", "--masks", "--dataset_file",
                       "coco_panoptic", "--coco_path", str(coco), *DETR_PANOPTIC[checkpoint]],
-                     timeout=300, env={"TORCH_HOME": str(tmp_path / "torch")})
+                     env={"TORCH_HOME": str(tmp_path / "torch")})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --dataset_file coco_panoptic needs --coco_panoptic_path")
@@ -47,12 +45,12 @@ def test_missing_panoptic_json_and_pngs_are_named(tmp_path):
     (tmp_path / "coco" / "val2017").mkdir(parents=True)
     common = ["--eval", "--eval_untrained", "--masks", "--dataset_file", "coco_panoptic",
               "--coco_path", str(tmp_path / "coco"), "--coco_panoptic_path", str(root), *TINY]
-    result = run_cli(common, timeout=300)
+    result = run_cli(common)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"panoptic annotation file {root}/annotations/panoptic_val2017.json not found" in result.stderr
     empty = {"images": [], "annotations": [], "categories": []}
     (root / "annotations" / "panoptic_val2017.json").write_text(json.dumps(empty))
-    result = run_cli(common, timeout=300)
+    result = run_cli(common)
     assert result.returncode == 2 and f"panoptic PNG folder {root}/panoptic_val2017 not found" in result.stderr
 
 
@@ -103,8 +101,7 @@ def test_panoptic_metrics_reach_console_log_tensorboard_and_compare(two_stage):
     tags = set(acc.Tags()["scalars"])
     assert {"panoptic/PQ", "panoptic/SQ_th", "panoptic/RQ_st", "segm/AP", "coco/AP"} <= tags
     assert acc.Scalars("panoptic/PQ")[-1].value == pytest.approx(line["test_PQ_all"]["pq"])
-    result = subprocess.run([sys.executable, "experiments/compare.py", str(base / "masks"), "--metric", "pq",
-                             "--out", str(base)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_script("experiments.compare", [base / "masks", "--metric", "pq", "--out", base])
     assert result.returncode == 0, result.stderr
     assert "best PQ" in result.stdout and (base / "compare_PQ.png").is_file()
 

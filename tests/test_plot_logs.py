@@ -1,13 +1,12 @@
 """experiments/plot_logs.py and compare.py --plot loss on DETR-style log.txt files written here (DETR's keys)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
 from experiments import plot_logs
+from tests.cli import run_script
 from util.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,8 +48,7 @@ def logs(tmp_path):
 
 
 def run(script, *args):
-    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "experiments", script), *args],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    return run_script(f"experiments.{script.removesuffix('.py')}", args)
 
 
 def pixels_near(path, rgb, tolerance=10):

@@ -3,9 +3,6 @@ post-processor run directly, the pictures decode at the image's size, the attent
 model's own attention and spatial prior, a segmentation checkpoint's panoptic picture is the post-processor's
 segmentation drawn, and bad input is one line."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ from datasets.transforms import make_coco_transforms, scaled_coco_transform_para
 from inference import load_detector
 from models import build_detr, detr_kwargs
 from models.attention_maps import co_attention_maps
+from tests.cli import run_script
 from util.misc import nested_tensor_from_tensor_list
 from util.visualize import class_colour, draw_panoptic, layout_tags, query_panels
 
@@ -27,8 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_predict(*argv):
-    return subprocess.run([sys.executable, "predict.py", *map(str, argv)], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return run_script("predict", argv)
 
 
 def val_set(synthetic_root):
