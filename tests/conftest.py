@@ -32,6 +32,22 @@ def pytest_configure(config):
         os.environ.pop(name, None)
 
 
+    # One intra-op thread per test process: the suite runs one process per core (pytest-xdist), and the tiny
+    # models here gain nothing from threads that wait for each other (several times slower on a loaded machine).
+    # Subprocesses (main.py runs, Slurm jobs) inherit the variable; DDP on CPU still sets its own share.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    # one real Slurm cluster per session: under pytest-xdist (--dist loadgroup) every Slurm test runs in one worker
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 def pytest_unconfigure(config):
     for home in _HOME:
         shutil.rmtree(home, ignore_errors=True)

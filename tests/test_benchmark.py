@@ -3,15 +3,13 @@ co-attention with and without the prior), the round-robin aggregation, the dispa
 import csv
 import json
 import statistics
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT
 from experiments import benchmark, benchmark_coattn, benchmark_common, benchmark_model
+from tests.cli import run_script
 from util.errors import UserError
 
 TINY_MODEL = ["--backbone", "resnet18", "--hidden_dim", "32", "--nheads", "4", "--enc_layers", "1",
@@ -232,8 +230,7 @@ def test_bad_input_is_a_one_line_error(argv, message, capsys):
 
 
 def test_invalid_variant_exits_2_from_the_command_line():
-    proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", "--variants", "bogus"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_script("experiments.benchmark", ["--variants", "bogus"])
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: --variants: unknown bogus; choose from "
                                    + " ".join(benchmark_common.VARIANTS))
