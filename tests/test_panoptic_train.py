@@ -108,7 +108,7 @@ def test_panoptic_metrics_reach_console_log_tensorboard_and_compare(two_stage):
 
 def test_a_short_run_that_memorises_two_images_reaches_pq_above_zero(tmp_path, capsys):
     """PQ > 0 from real training steps and the real evaluation (engine.train_one_epoch and engine.evaluate on the
-    synthetic panoptic files), on two images shown without augmentation so that 200 steps can fit them.
+    synthetic panoptic files), on two images shown without augmentation so that 150 steps can fit them.
 
     A main.py run needs far longer for masks: DETR's mask head sees each query only through its attention map,
     one softmax over heads x cells (values near 1 / (heads * cells)), beside feature maps of magnitude ~1, so the
@@ -129,7 +129,7 @@ def test_a_short_run_that_memorises_two_images_reaches_pq_above_zero(tmp_path, c
     main.resolve_args(args)
     model, criterion, postprocessors = build_model(args, stuff_ids=datasets.stuff_ids(args))
     images = datasets.build_dataset("val", args)  # DETR's evaluation transform: the same pixels every step
-    steps = torch.utils.data.DataLoader(torch.utils.data.Subset(images, [0, 1] * 200), batch_size=2,
+    steps = torch.utils.data.DataLoader(torch.utils.data.Subset(images, [0, 1] * 150), batch_size=2,
                                         collate_fn=collate_fn)
     optimizer = torch.optim.AdamW(main._param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
     engine.train_one_epoch(model, criterion, steps, optimizer, torch.device("cpu"), epoch=0,
