@@ -3,7 +3,7 @@ derived defaults.
 
 What a flag means for checkpoints is declared here, where the flag is defined: ``architecture(...)`` marks a
 flag whose value changes which weights exist or what they mean. ``ARCH_FLAGS`` is derived from those marks;
-a resumed or evaluated model takes these flags from its checkpoint (util/run_config.py). --no_aux_loss is
+a resumed or evaluated model takes these flags from its checkpoint (rundir/run_config.py). --no_aux_loss is
 not one: the auxiliary heads share the final head's weights, so it changes the loss, never the weights.
 ``bookkeeping(...)`` marks a flag that names the run's own files or restart state, or changes no number of the
 run (the COCO backends score alike, logging intervals): runs differ in it without being different ablations,
@@ -20,7 +20,7 @@ from datasets.coco_eval import COCO_BACKENDS
 from models import resolve_cls_loss
 from models.postprocess_segm import PANOPTIC_THRESHOLDS
 from models.segmentation import MASK_HEAD_NARROWING
-from util import lease, run_folder
+from rundir import lease, run_folder
 from util.errors import UserError
 
 DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
