@@ -178,7 +178,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="--masks: a query joins the panoptic segmentation when its class score exceeds this; "
                              "default 0.85 on the softmax (ce, DETR), 0.5 on the best sigmoid (focal)")
 
-    # data (README "Your own data")
+    # data (docs/data.md)
     parser.add_argument("--dataset_file", default=None, choices=datasets.DATASETS,
                         help="default: coco_panoptic when --coco_panoptic_path is given, coco when --coco_path or a "
                              "--train_*/--val_* path is (DETR's commands), voc when --voc_path is, else the embedded "
@@ -236,7 +236,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     books("--owner_timeout", default=lease.DEFAULT_TIMEOUT_S, type=number(0.0, low_open=True),
                         metavar="SECONDS",
                         help="a run folder's owner on another host without a heartbeat for this long is taken over "
-                             "(README: Run folders)")
+                             "(docs/training-and-run-folders.md)")
     parser.add_argument("--eval", action="store_true", help="evaluate the weights of --resume and exit")
     books("--save_detections", action="store_true",
                         help="with --eval: write the evaluated split's detections as COCO results "
