@@ -137,12 +137,12 @@ def flags_by_command(text: str):
             state[:] = [None, False]
             continue
         word = token.strip("[](){},'\"")
-        program = PROGRAMS.get(word) or PROGRAMS.get(word.removeprefix("./"))
+        program = PROGRAMS.get(word) or PROGRAMS.get(word.removeprefix("./")) or unknown_script(word, previous)
         if program == "benchmark":
             state[:] = ["benchmark model", False]
         elif program:
             state[:] = [program, False]
-        elif word in EXTERNAL or (previous == "-m" and word in EXTERNAL):
+        elif word in EXTERNAL:
             state[:] = [None, True]
         elif state[0] and state[0].startswith("benchmark") and word in BENCHMARK_MODES and previous in (
                 "experiments.benchmark", "experiments/benchmark.py"):
@@ -154,6 +154,15 @@ def flags_by_command(text: str):
                 found.append((flag, state[0], state[1]))
         previous = word
     return found
+
+
+def unknown_script(word: str, previous: str):
+    """'unknown <name>' for a script or module of this project that PROGRAMS does not know, so that its flags
+    fail with a pointer here instead of passing unchecked."""
+    path = word.replace(".", "/") + ".py" if previous == "-m" else word
+    if path.endswith(".py") and (REPO / path).is_file():
+        return f"unknown {word}"
+    return None
 
 
 def has_flag(flags: frozenset, flag: str) -> bool:
@@ -172,7 +181,10 @@ def stale_flags(page: Path, root: Path = REPO) -> list[str]:
             for flag, command, external in flags_by_command(command_text):
                 if external:
                     continue
-                if command is not None:
+                if command is not None and command.startswith("unknown "):
+                    problems.append(f"{name}:{line}: {flag} belongs to {command.split()[1]}, whose parser "
+                                    f"tests/test_docs.py does not know: add it to PARSERS and PROGRAMS")
+                elif command is not None:
                     if not has_flag(known_flags(command), flag):
                         problems.append(f"{name}:{line}: {flag} is not a flag of {command} ({command_text.strip()})")
                 elif not has_flag(all_project_flags(), flag) and not near_external_program(text):
@@ -243,6 +255,8 @@ def test_flags_are_attributed_to_their_command():
                                                              ("--coco_path", "main")]
     line = "torchrun --nproc_per_node=8 main.py --coco_path C"
     assert flags_by_command(line) == [("--nproc_per_node", None, True), ("--coco_path", "main", False)]
+    line = "python hubconf.py --x"
+    assert flags_by_command(line) == [("--x", "unknown hubconf.py", False)]
     line = "python -m experiments.benchmark coattn --threads 1 -- --cls_loss focal"
     assert [(f, c) for f, c, _ in flags_by_command(line)] == [("--threads", "benchmark coattn"),
                                                              ("--cls_loss", "main")]
