@@ -15,7 +15,7 @@ import os
 from datasets.class_names import COCO_CLASS_NAMES
 from inference import DETR_CHECKPOINTS, load_detector
 from models import build_detr, build_postprocessor
-from util.checkpoint import hub_cache_path
+from rundir.checkpoint import hub_cache_path
 from util.errors import UserError
 
 dependencies = ["torch", "torchvision", "scipy", "pycocotools"]

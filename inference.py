@@ -5,7 +5,7 @@ checkpoint (this fork's, or DETR's published COCO checkpoints).
     results = detector([PIL.Image.open("a.jpg")])  # per image: 'scores', 'labels', 'boxes' (xyxy pixels)
 
 The architecture comes from the checkpoint: its stored configuration, or for DETR's official files (which store
-none) from the weights (util/run_config.infer_official_config). predict.py and hubconf.py build on this.
+none) from the weights (rundir/run_config.infer_official_config). predict.py and hubconf.py build on this.
 """
 import os
 from dataclasses import dataclass
@@ -20,8 +20,8 @@ from datasets.coco_panoptic import COCO_PANOPTIC_NUM_CLASSES, COCO_PANOPTIC_STUF
 from models import build_detr, build_postprocessor, detr_kwargs
 from models.postprocess_segm import PostProcessPanoptic
 from options import ARCH_FLAGS, get_args_parser, resolve_loss
-from util import run_config
-from util.checkpoint import load_checkpoint, load_model_weights
+from rundir import run_config
+from rundir.checkpoint import load_checkpoint, load_model_weights
 from util.errors import UserError
 from util.misc import nested_tensor_from_tensor_list
 
@@ -91,7 +91,7 @@ def load_detector(checkpoint: str, device: str = "cpu", trust: bool = False, che
     dilated. A segmentation checkpoint (``--masks``, DETR's panoptic files) gives the segmentation model, whose
     outputs the box post-processor reads as a detector's, and ``panoptic``, its panoptic post-processor (stuff
     classes: stored by main.py; COCO panoptic's for DETR's files). ``trust`` allows checkpoints that need full unpickling (main.py's --trust_checkpoint);
-    ``check_hash`` and ``offline_hint`` are util.checkpoint.load_checkpoint's. Bad files raise UserError.
+    ``check_hash`` and ``offline_hint`` are rundir.checkpoint.load_checkpoint's. Bad files raise UserError.
     """
     unknown = sorted(set(architecture) - set(ARCH_FLAGS))
     if unknown:
@@ -106,7 +106,7 @@ def load_detector(checkpoint: str, device: str = "cpu", trust: bool = False, che
     vars(args).update(architecture)
     stored = ckpt.get("config")
     if stored:
-        run_config.reconcile_config(args, set(architecture), stored, checkpoint)
+        run_config.reconcile_config(args, set(architecture), stored, ARCH_FLAGS, checkpoint)
         args.num_detections = stored.get("num_detections")  # the run's cap on detections per image
     else:
         if "dilation" not in architecture:

@@ -17,15 +17,14 @@ from torch.utils.data.distributed import DistributedSampler
 import datasets
 import engine
 from models import build_model
-from options import (ablation_summary, check_args, format_config, get_args_parser,  # noqa: F401 (DETR's API)
-                     resolve_args)
-from util import checkpoint as ckpt
+from options import (ARCH_FLAGS, ablation_summary, check_args, format_config,  # noqa: F401 (DETR's API)
+                     get_args_parser, resolve_args)
+from rundir import checkpoint as ckpt
+from rundir import run_config, run_folder
+from rundir.preemption import PREEMPTION_SIGNALS, PreemptionHandler, exit_for_requeue
 from util import dist
-from util import run_config
-from util import run_folder
 from util.errors import UserError
 from util.misc import collate_fn, seed_everything
-from util.preemption import PREEMPTION_SIGNALS, PreemptionHandler, exit_for_requeue
 from util.tb import RunLogger
 
 
@@ -43,7 +42,8 @@ def _adopt_architecture(args, explicit, checkpoint: dict, path: str, ignore=()) 
     returns the messages to print."""
     stored = checkpoint.get("config")
     if stored:
-        return run_config.reconcile_config(args, explicit, stored, path, ignore) + run_config.dc5_batch_warning(args)
+        return (run_config.reconcile_config(args, explicit, stored, ARCH_FLAGS, path, ignore)
+                + run_config.dc5_batch_warning(args))
     return run_config.infer_official_config(checkpoint["model"], path, args, explicit, ignore)
 
 
@@ -206,7 +206,7 @@ def _truncate_log(path: Path, start_epoch: int, checkpointed: Optional[dict] = N
 
 
 def main(args, explicit=frozenset()):
-    """Run training or evaluation. ``explicit``: the flag names the user passed (see util.checkpoint)."""
+    """Run training or evaluation. ``explicit``: the flag names the user passed (see rundir.checkpoint)."""
     dist.init_distributed_mode(args)
     print(f"world size: {dist.get_world_size()} (rank {dist.get_rank()})")
     if args.device == "cpu" and dist.get_world_size() > 1:

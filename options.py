@@ -3,7 +3,7 @@ derived defaults.
 
 What a flag means for checkpoints is declared here, where the flag is defined: ``architecture(...)`` marks a
 flag whose value changes which weights exist or what they mean. ``ARCH_FLAGS`` is derived from those marks;
-a resumed or evaluated model takes these flags from its checkpoint (util/run_config.py). --no_aux_loss is
+a resumed or evaluated model takes these flags from its checkpoint (rundir/run_config.py). --no_aux_loss is
 not one: the auxiliary heads share the final head's weights, so it changes the loss, never the weights.
 ``bookkeeping(...)`` marks a flag that names the run's own files or restart state, or changes no number of the
 run (the COCO backends score alike, logging intervals): runs differ in it without being different ablations,
@@ -20,7 +20,7 @@ from datasets.coco_eval import COCO_BACKENDS
 from models import resolve_cls_loss
 from models.postprocess_segm import PANOPTIC_THRESHOLDS
 from models.segmentation import MASK_HEAD_NARROWING
-from util import lease, run_folder
+from rundir import lease, run_folder
 from util.errors import UserError
 
 DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
@@ -178,7 +178,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="--masks: a query joins the panoptic segmentation when its class score exceeds this; "
                              "default 0.85 on the softmax (ce, DETR), 0.5 on the best sigmoid (focal)")
 
-    # data (README "Your own data")
+    # data (docs/data.md)
     parser.add_argument("--dataset_file", default=None, choices=datasets.DATASETS,
                         help="default: coco_panoptic when --coco_panoptic_path is given, coco when --coco_path or a "
                              "--train_*/--val_* path is (DETR's commands), voc when --voc_path is, else the embedded "
@@ -236,7 +236,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     books("--owner_timeout", default=lease.DEFAULT_TIMEOUT_S, type=number(0.0, low_open=True),
                         metavar="SECONDS",
                         help="a run folder's owner on another host without a heartbeat for this long is taken over "
-                             "(README: Run folders)")
+                             "(docs/training-and-run-folders.md)")
     parser.add_argument("--eval", action="store_true", help="evaluate the weights of --resume and exit")
     books("--save_detections", action="store_true",
                         help="with --eval: write the evaluated split's detections as COCO results "

@@ -28,11 +28,11 @@ from datasets.class_names import class_name
 from datasets.images import ImageDecodeError, load_rgb
 from inference import Detector, load_detector
 from models.attention_maps import co_attention_maps
+from rundir.checkpoint import atomic_write_text
 from util.box_ops import box_cxcywh_to_xyxy
-from util.checkpoint import atomic_write_text
 from util.errors import UserError
 from util.misc import nested_tensor_from_tensor_list
-from util.visualize import (AttentionRow, class_colour, draw_detections, draw_panoptic, plot_attention,
+from visualize import (AttentionRow, class_colour, draw_detections, draw_panoptic, plot_attention,
                             query_panels)
 
 # Sigmoid (focal) scores run lower than softmax ones: a focal model's good detections often score 0.4-0.6,

@@ -191,7 +191,7 @@ def check_portable(args):
     options.check_args(probe)
 
 
-def main_cli(argv=None):
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("python -m experiments.sweeps", description="Read a sweep file.")
     parser.add_argument("sweep_file")
     what = parser.add_mutually_exclusive_group(required=True)
@@ -203,7 +203,11 @@ def main_cli(argv=None):
                         help="every run once per seed K, named <name>/seed<K> (replaces the file's seeds: line)")
     parser.add_argument("--no_check", action="store_true",
                         help="skip validation against main.py (fast; main.py checks the flags anyway)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main_cli(argv=None):
+    args = get_args_parser().parse_args(argv)
     try:
         runs = read_sweep(args.sweep_file, check=not args.no_check, seeds=args.seeds)
         if args.list:

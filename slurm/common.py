@@ -76,7 +76,7 @@ class Trainer:
         import submitit
 
         import main
-        from util import run_config
+        from rundir import run_config
         from util import dist
 
         env = submitit.JobEnvironment()

@@ -20,7 +20,7 @@ import main  # noqa: E402
 from experiments.sweeps import check_portable  # noqa: E402
 from slurm.common import (Trainer, add_slurm_args, check_slurm_args, make_executor, set_flag,  # noqa: E402
                           slurm_flag_names)
-from util import run_folder  # noqa: E402
+from rundir import run_folder  # noqa: E402
 from util.errors import UserError  # noqa: E402
 
 

@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 
 from experiments.sweeps import SEED_FLAG, Run, read_sweep, select, validate  # noqa: E402
 from slurm.common import Trainer, add_slurm_args, check_slurm_args, make_executor  # noqa: E402
-from util import run_folder  # noqa: E402
+from rundir import run_folder  # noqa: E402
 from util.errors import UserError  # noqa: E402
 
 SKIPPED = {run_folder.STATUS_FINISHED: "finished", run_folder.STATUS_LIVE: "live"}
@@ -46,7 +46,7 @@ def get_parser():
 
 def plan(args, extra=()):
     """[(run, argv for main.py, status code, status line)] for the selected runs, in index order (status:
-    util.run_folder.status); ``extra`` main.py flags are appended to every run (validated with it)."""
+    rundir.run_folder.status); ``extra`` main.py flags are appended to every run (validated with it)."""
     runs = read_sweep(args.sweep_file, seeds=args.seeds)
     if any(run.seed is not None for run in runs) and any(f.split("=", 1)[0] == SEED_FLAG for f in extra):
         raise UserError(f"{SEED_FLAG} after '--' would override the seed of every run; the seeds come from "

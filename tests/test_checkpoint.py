@@ -19,11 +19,12 @@ import pytest
 import torch
 from torch import nn
 
-from util.checkpoint import (atomic_save, finetune_weights, load_checkpoint, load_model_weights, rng_state,
-                             set_rng_state)
-from util.run_config import config_to_dict, explicit_flags, infer_official_config, reconcile_config
+from options import ARCH_FLAGS
+from rundir.checkpoint import (atomic_save, finetune_weights, load_checkpoint, load_model_weights, rng_state,
+                               set_rng_state)
+from rundir.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, exit_for_requeue
+from rundir.run_config import config_to_dict, explicit_flags, infer_official_config, reconcile_config
 from util.errors import UserError
-from util.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, exit_for_requeue
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -215,7 +216,8 @@ def test_reconcile_takes_unpassed_flags_and_rejects_conflicts():
     stored = {'backbone': 'resnet101', 'dilation': True, 'num_queries': 100, 'lr': 5.0}
 
     args = parser.parse_args(['--lr', '1e-5'])
-    messages = reconcile_config(args, explicit_flags(parser, ['--lr', '1e-5']), stored, ckpt_path='run/ck.pth')
+    messages = reconcile_config(args, explicit_flags(parser, ['--lr', '1e-5']), stored, ARCH_FLAGS,
+                                ckpt_path='run/ck.pth')
     assert (args.backbone, args.dilation, args.num_queries) == ('resnet101', True, 100)
     assert args.lr == 1e-5  # not an architecture flag: the user's value stands
     assert messages == ['taking --backbone resnet101 from the checkpoint', 'taking --dilation from the checkpoint']
@@ -223,14 +225,14 @@ def test_reconcile_takes_unpassed_flags_and_rejects_conflicts():
     argv = ['--backbone', 'resnet50']
     args = parser.parse_args(argv)
     with pytest.raises(UserError) as info:
-        reconcile_config(args, explicit_flags(parser, argv), stored, ckpt_path='run/ck.pth')
+        reconcile_config(args, explicit_flags(parser, argv), stored, ARCH_FLAGS, ckpt_path='run/ck.pth')
     assert str(info.value) == ("--backbone resnet50 conflicts with the checkpoint's 'resnet101' (run/ck.pth); "
                                "drop the flag or pass --backbone resnet101")
 
     # Passing the checkpoint's own value is fine and silent.
     argv = ['--backbone', 'resnet101', '--dilation']
     args = parser.parse_args(argv)
-    assert reconcile_config(args, explicit_flags(parser, argv), stored, ckpt_path='x') == []
+    assert reconcile_config(args, explicit_flags(parser, argv), stored, ARCH_FLAGS, ckpt_path='x') == []
 
 
 def fake_detr_state_dict(layer3_blocks, bottleneck, num_queries=7, hidden=8, enc=2, dec=3, ffn=12,
@@ -423,7 +425,7 @@ def test_preemption_handler_sets_flag_and_uninstall_restores():
 def test_exit_for_requeue_outside_slurm_exits_with_documented_code(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'SUBMITIT_'))}
     env['PYTHONPATH'] = str(REPO)
-    code = 'from util.preemption import exit_for_requeue; exit_for_requeue(); print("not reached")'
+    code = 'from rundir.preemption import exit_for_requeue; exit_for_requeue(); print("not reached")'
     result = subprocess.run([sys.executable, '-c', code], env=env, cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == REQUEUE_EXIT_CODE == 75

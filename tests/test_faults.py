@@ -86,7 +86,7 @@ def test_disk_full_at_save_is_one_line_and_keeps_the_previous_checkpoint(small_t
 SAVE_OVER_LIMIT = """
 import resource, signal, sys
 import torch
-from util import checkpoint
+from rundir import checkpoint
 from util.errors import UserError
 checkpoint.atomic_save({"w": torch.ones(8)}, sys.argv[1])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us

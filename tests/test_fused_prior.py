@@ -299,7 +299,7 @@ def test_route_is_not_an_architecture_flag_and_checkpoints_cross_routes(tiny_arg
     """Same parameter names and values on both routes; a run resumed with the other route is not refused."""
     import main
     from options import ARCH_FLAGS
-    from util.run_config import explicit_flags, reconcile_config
+    from rundir.run_config import explicit_flags, reconcile_config
 
     models = [build_model(tiny_args(dynamic_scale="type4", prior_impl=route))[0] for route in ("fused", "explicit")]
     assert list(models[0].state_dict()) == list(models[1].state_dict())
@@ -310,5 +310,5 @@ def test_route_is_not_an_architecture_flag_and_checkpoints_cross_routes(tiny_arg
     argv = ["--dynamic_scale", "type4", "--prior_impl", "explicit"]
     args = parser.parse_args(argv)
     stored = {"dynamic_scale": "type4", "prior_impl": "fused"}
-    assert reconcile_config(args, explicit_flags(parser, argv), stored, ckpt_path="x") == []
+    assert reconcile_config(args, explicit_flags(parser, argv), stored, ARCH_FLAGS, ckpt_path="x") == []
     assert args.prior_impl == "explicit"

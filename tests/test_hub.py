@@ -81,7 +81,7 @@ def test_coco_class_names_entry():
 
 
 def test_the_readme_snippet_runs_on_a_hub_model():
-    """The README's three lines (with a random model: no download), on two images of different sizes."""
+    """docs/inference-and-hub.md's three lines (with a random model: no download), on two images of different sizes."""
     torch.manual_seed(0)
     model, postprocess = hub_load("detr_resnet50", pretrained=False, backbone_weights="none",
                                   return_postprocessor=True)

@@ -1,5 +1,5 @@
-"""The run-folder lease (util/lease.py) on real files with real processes: who wins, when a dead owner is taken
-over, the heartbeat, and the launchers' status CLI (util/run_folder.py)."""
+"""The run-folder lease (rundir/lease.py) on real files with real processes: who wins, when a dead owner is taken
+over, the heartbeat, and the launchers' status CLI (slurm/status.py)."""
 import errno
 import json
 import os
@@ -10,14 +10,14 @@ import time
 import pytest
 
 from tests.cli import CAP_S, REPO, Watched, env
-from util import lease as leases
-from util import run_folder
+from rundir import lease as leases
+from rundir import run_folder
 
 PY = sys.executable
 
 HOLD = """
 import sys
-from util import lease
+from rundir import lease
 held = lease.acquire(sys.argv[1], timeout_s=float(sys.argv[2]), heartbeat_s=float(sys.argv[3]))
 print("held", held.owner.token, flush=True)
 sys.stdin.read()  # hold until the test closes stdin
@@ -28,7 +28,7 @@ print("released", flush=True)
 # every racer waits for the go file, then tries once; the winner holds until its stdin closes
 RACE = """
 import os, sys, time
-from util import lease
+from rundir import lease
 folder, go = sys.argv[1], sys.argv[2]
 print("ready", flush=True)
 while not os.path.exists(go):
@@ -174,7 +174,7 @@ def test_heartbeat_refreshes_the_lease_and_notices_a_takeover(tmp_path):
 
 
 def _status(*args):
-    return subprocess.run([PY, "-m", "util.run_folder", "status", *map(str, args)], cwd=REPO, capture_output=True,
+    return subprocess.run([PY, "-m", "slurm.status", *map(str, args)], cwd=REPO, capture_output=True,
                           text=True, timeout=CAP_S, env=env())
 
 

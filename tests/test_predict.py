@@ -18,7 +18,7 @@ from models import build_detr, detr_kwargs
 from models.attention_maps import co_attention_maps
 from tests.cli import run_script
 from util.misc import nested_tensor_from_tensor_list
-from util.visualize import class_colour, draw_panoptic, layout_tags, query_panels
+from visualize import class_colour, draw_panoptic, layout_tags, query_panels
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ import torch
 
 import main
 from models import build_model
+from rundir.preemption import REQUEUE_EXIT_CODE
 from tests.cli import Watched, run_main
-from util.preemption import REQUEUE_EXIT_CODE
 
 TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--dim_feedforward", "64",
         "--enc_layers", "1", "--dec_layers", "1", "--nheads", "4", "--num_queries", "10", "--batch_size", "2",

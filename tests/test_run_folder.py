@@ -11,10 +11,10 @@ import time
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from rundir.lease import LEASE_NAME
+from rundir.preemption import REQUEUE_EXIT_CODE
 from tests.cli import CAP_S, Watched, run_main
 from tests.conftest import TINY_CLI
-from util.lease import LEASE_NAME
-from util.preemption import REQUEUE_EXIT_CODE
 
 
 def snapshot(folder):
@@ -98,10 +98,10 @@ def test_a_killed_run_resumes_at_once_and_its_leftovers_go(tmp_path, cli_synthet
     finally:
         killed.kill()  # SIGKILL: no cleanup at all
     assert json.loads((out / LEASE_NAME).read_text())["pid"] == killed.pid
-    # what a kill during a checkpoint save leaves (util.checkpoint.atomic_save's temporary name)
+    # what a kill during a checkpoint save leaves (rundir.checkpoint.atomic_save's temporary name)
     leftover = out / f".checkpoint.pth.{killed.pid}.0123abcd.tmp"
     leftover.write_bytes(b"\0" * 2**20)
-    # and what a kill between writing a lease record and linking it leaves (util.lease.acquire), long ago
+    # and what a kill between writing a lease record and linking it leaves (rundir.lease.acquire), long ago
     stale = out / f"{LEASE_NAME}.deadbeefdeadbeef.tmp"
     stale.write_text("{}")
     os.utime(stale, (time.time() - 3600, time.time() - 3600))

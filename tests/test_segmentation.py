@@ -79,7 +79,7 @@ def test_panoptic_checkpoint_layout_and_strict_load(backbone, flags):
 
 def test_official_panoptic_checkpoint_sets_the_flags(tmp_path):
     """An official panoptic checkpoint stores no config; --masks and num_classes 250 are read from its weights."""
-    from util import run_config
+    from rundir import run_config
     state = {k: torch.zeros(shape) for k, shape in panoptic_checkpoint_shapes(RESNET_DEPTHS["resnet101"]).items()}
     args = main.get_args_parser().parse_args(["--dataset_file", "coco_panoptic"])
     messages = run_config.infer_official_config(state, "detr-r101-panoptic-40021d53.pth", args, set())

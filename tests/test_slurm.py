@@ -201,7 +201,7 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes_mid_epoch(slurm_clus
 
 HOLD_LEASE = """
 import sys
-from util import lease
+from rundir import lease
 held = lease.acquire(sys.argv[1])
 print("held", flush=True)
 sys.stdin.read()
@@ -315,7 +315,7 @@ def test_owner_on_another_host_is_judged_by_its_slurm_job(slurm_cluster, tmp_pat
             (folder / ".owner.json").write_text(json.dumps({
                 "host": "othernode", "pid": 4242, "boot_id": "x", "pid_ns": "y", "slurm_job_id": job, "job": job,
                 "restart": 0, "cluster": "smcatest", "since": "2030-01-01T00:00:00+00:00", "token": f"t{job}"}))
-            proc = slurm_cluster.run([PY, "-m", "util.run_folder", "status", str(folder)], cwd=REPO, check=False,
+            proc = slurm_cluster.run([PY, "-m", "slurm.status", str(folder)], cwd=REPO, check=False,
                                      timeout=WAIT_S)
             assert proc.returncode == code and said in proc.stdout, proc.stdout + proc.stderr
     finally:

@@ -71,7 +71,7 @@ def reduce_dict(values: dict, average: bool = True) -> dict:
 
 
 # ----------------------------------------------------------------------------- process group setup
-# (launchers: torchrun / torch.distributed.launch --use_env, srun, submitit; README section "Slurm")
+# (launchers: torchrun / torch.distributed.launch --use_env, srun, submitit; docs/slurm.md)
 
 # what init_distributed_mode sets on args besides the flags: this process's place in the job, not a setting
 RUNTIME_KEYS = ("rank", "gpu", "distributed", "dist_backend")

@@ -8,7 +8,7 @@ Runs last days on preemptible Slurm nodes, so:
 - ``rng_state`` / ``set_rng_state`` carry the random generators across a resume, as plain data that a
   ``weights_only`` load accepts.
 
-Making the flags agree with a checkpoint's configuration is util/run_config.py.
+Making the flags agree with a checkpoint's configuration is rundir/run_config.py.
 """
 import argparse
 import http.client

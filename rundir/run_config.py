@@ -2,8 +2,8 @@
 
 - ``config_to_dict``: the resolved flags as JSON-able data ('config' in checkpoints, config.json).
 - ``explicit_flags``: which flags the user wrote on the command line.
-- ``reconcile_config`` / ``infer_official_config``: the architecture flags (options.ARCH_FLAGS) are taken
-  from the checkpoint when not passed and are an error when passed and different, so a resume or an
+- ``reconcile_config`` / ``infer_official_config``: the architecture flags (the caller passes
+  options.ARCH_FLAGS: this package sits below options.py) are taken from the checkpoint when not passed and are an error when passed and different, so a resume or an
   evaluation never silently builds a different model.
 """
 import argparse
@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from options import ARCH_FLAGS
 from util.errors import UserError
 
 # ResNet depth from the weights: (blocks in layer3, bottleneck blocks have a conv3) -> torchvision name.
@@ -76,11 +75,11 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
     return explicit
 
 
-def reconcile_config(args: argparse.Namespace, explicit: set[str], stored: dict,
+def reconcile_config(args: argparse.Namespace, explicit: set[str], stored: dict, arch_flags: Iterable[str],
                      ckpt_path: str | None = None, ignore: Iterable[str] = ()) -> list[str]:
     """Make the architecture flags of ``args`` match the checkpoint's stored 'config'.
 
-    For each flag of ARCH_FLAGS in ``stored`` (minus ``ignore``) whose value differs from ``args``: a
+    For each flag of ``arch_flags`` (options.ARCH_FLAGS) in ``stored`` (minus ``ignore``) whose value differs from ``args``: a
     flag the user did not pass (not in ``explicit``) takes the checkpoint's value; a flag the user passed
     raises UserError. Returns one message per adopted flag, for the caller to print. ``ckpt_path``
     names the checkpoint in errors (default: ``args.resume``). Call it before deriving defaults from
@@ -88,7 +87,7 @@ def reconcile_config(args: argparse.Namespace, explicit: set[str], stored: dict,
     """
     source = ckpt_path if ckpt_path is not None else getattr(args, 'resume', '') or 'checkpoint'
     messages = []
-    for flag in ARCH_FLAGS:
+    for flag in arch_flags:
         if flag in stored and flag not in ignore:
             message = _adopt(args, explicit, flag, stored[flag], source)
             if message:

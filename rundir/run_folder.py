@@ -1,7 +1,7 @@
 """Who may write into a run folder, and what a run folder already holds: main.py's rules and the
-launchers' skip check (README, "Run folders").
+launchers' skip check (docs/training-and-run-folders.md).
 
-- One live run per folder: rank 0 takes the folder's lease (util/lease.py) before anything is written;
+- One live run per folder: rank 0 takes the folder's lease (rundir/lease.py) before anything is written;
   every rank of a refused run stops with exit code 2 and one line naming the owner.
 - A finished run is final: ``--resume auto`` with no larger ``--epochs`` than ``finished.json`` says prints
   "already finished" and exits 0 without touching the folder (not even a lease). A larger ``--epochs``
@@ -12,24 +12,19 @@ launchers' skip check (README, "Run folders").
   temporary files of interrupted saves) wait for ``RunFolder.prepare()``, called once every input was
   checked, so a run that fails on a bad flag or dataset loses nothing.
 
-CLI for the sbatch scripts: one line saying why, and the exit code (0: free to start or resume, 3: finished,
-4: live, 2: error):
-
-    python -m util.run_folder status DIR [--epochs N] [--owner_timeout S]
-    python -m util.run_folder status -- MAIN_PY_FLAGS...     # DIR and --epochs taken from main.py's flags
+``status`` is the launchers' skip check: one line saying why, and the exit code (0: free to start or resume,
+3: finished, 4: live); its command line for the sbatch scripts is slurm/status.py.
 """
-import argparse
 import fnmatch
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
-from util import checkpoint as ckpt
+from rundir import checkpoint as ckpt
+from rundir import lease as leases
 from util import dist
-from util import lease as leases
 from util.errors import UserError
 
 FINISHED = "finished.json"
@@ -266,30 +261,3 @@ def status(folder, epochs: Optional[int] = None, timeout_s: float = leases.DEFAU
         state = f"finished {_epochs(done)}; --epochs {epochs} extends it"
     return STATUS_GO, f"{folder} is free ({state}{note})"
 
-
-def _status_cli(argv) -> int:
-    parser = argparse.ArgumentParser("python -m util.run_folder status",
-                                     description="Can a run start in DIR? 0: yes, 3: finished, 4: live, 2: error.")
-    parser.add_argument("folder", nargs="?", help="the run's --output_dir")
-    parser.add_argument("--epochs", type=int, default=None, help="the run's --epochs (finished.json may say fewer)")
-    parser.add_argument("--owner_timeout", type=float, default=leases.DEFAULT_TIMEOUT_S)
-    main_argv = argv[argv.index("--") + 1:] if "--" in argv else None
-    args = parser.parse_args(argv[:argv.index("--")] if main_argv is not None else argv)
-    if main_argv is not None:
-        import options  # main.py's flags (imports torch: only for this form)
-
-        run, _ = options.get_args_parser().parse_known_args(main_argv)
-        args.folder, args.epochs, args.owner_timeout = run.output_dir, run.epochs, run.owner_timeout
-    if not args.folder:
-        print("error: no run folder: pass DIR, or main.py's flags with --output_dir after --", file=sys.stderr)
-        return 2
-    code, line = status(args.folder, args.epochs, args.owner_timeout)
-    print(line)
-    return code
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["status"]:
-        print("usage: python -m util.run_folder status DIR [--epochs N] | status -- MAIN_PY_FLAGS...", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(_status_cli(sys.argv[2:]))
