@@ -11,6 +11,7 @@ from util.misc import nested_tensor_from_tensor_list
 
 
 @pytest.mark.parametrize("prior_impl", ["fused", "explicit"])
+@pytest.mark.quick
 def test_bf16_autocast_keeps_prior_fp32_and_outputs_close(tiny_args, prior_impl):
     args = tiny_args(dynamic_scale="type4", query_mixture=True, dropout=0.0, hidden_dim=64, nheads=4,
                      prior_impl=prior_impl)
@@ -33,6 +34,7 @@ def test_bf16_autocast_keeps_prior_fp32_and_outputs_close(tiny_args, prior_impl)
     torch.testing.assert_close(mixed["pred_logits"].float(), reference["pred_logits"], atol=0.1, rtol=0)
 
 
+@pytest.mark.quick
 def test_amp_off_is_the_plain_forward(tiny_args):
     args = tiny_args(dynamic_scale="type2", dropout=0.0)
     model, _, _ = build_model(args)

@@ -178,6 +178,7 @@ def test_help_lists_the_modes(capsys):
 
 @pytest.mark.parametrize("spec, shape", [("800", (800, 1333)), ("512", (512, 853)), ("1333", (1333, 1333)),
                                          ("600x900", (600, 900))])
+@pytest.mark.quick
 def test_image_shape(spec, shape):
     assert benchmark_common.image_shape(spec) == shape
 
@@ -221,6 +222,7 @@ def test_synthetic_batch_is_fixed_and_valid():
     (["--variants", "none", "--device", "cpu", "--amp"], "--amp uses bf16 autocast on CUDA"),
     (["--variants", "type2+query_mixture", "--queries", "1"], "--query_mixture needs at least 2 queries"),
 ])
+@pytest.mark.quick
 def test_bad_input_is_a_one_line_error(argv, message, capsys):
     assert benchmark.cli(argv) == 2
     captured = capsys.readouterr()

@@ -7,6 +7,7 @@ from experiments import benchmark, benchmark_eval
 
 
 @pytest.mark.parametrize("postprocess, per_image", [("focal", 10), ("ce", 10)])
+@pytest.mark.quick
 def test_tiny_run_reports_both_backends_with_the_same_stats(tmp_path, capsys, postprocess, per_image):
     path = tmp_path / "eval.json"
     rc = benchmark.cli(["eval", "--images", "12", "--queries", "10", "--classes", "5", "--objects", "3",
@@ -37,6 +38,7 @@ def test_tiny_run_reports_both_backends_with_the_same_stats(tmp_path, capsys, po
     assert out.err.count("pass ") == 4  # 2 passes x 2 backends, logged to stderr
 
 
+@pytest.mark.quick
 def test_bad_input_is_one_error_line(capsys):
     assert benchmark_eval.cli(["--images", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --images must be positive, got 0"

@@ -28,6 +28,7 @@ def test_pairwise_iou_and_giou_match_torchvision(seed, dtype):
 
 
 @pytest.mark.parametrize("seed", range(3))
+@pytest.mark.quick
 def test_conversions_match_torchvision_and_round_trip(seed):
     g = torch.Generator().manual_seed(seed)
     xyxy = random_xyxy(11, g)
@@ -41,6 +42,7 @@ def test_conversions_match_torchvision_and_round_trip(seed):
     torch.testing.assert_close(box_cxcywh_to_xyxy(batched)[2], xyxy, atol=1e-12, rtol=0)
 
 
+@pytest.mark.quick
 def test_giou_hand_examples():
     a = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
     # Disjoint, side by side: IoU 0, union 2, enclosing 3 -> -1/3.

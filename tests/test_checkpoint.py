@@ -73,6 +73,7 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch, fail
     assert_same(load_checkpoint(str(path)), old)
 
 
+@pytest.mark.quick
 def test_atomic_save_replaces_and_honours_umask(tmp_path):
     path = tmp_path / 'checkpoint.pth'
     atomic_save({'epoch': 1}, str(path))
@@ -438,6 +439,7 @@ def test_exit_for_requeue_outside_slurm_exits_with_documented_code(tmp_path):
     ({'SLURM_JOB_ID': '123', 'SUBMITIT_EXECUTOR': 'slurm'}, None),
     ({'SLURM_JOB_ID': '123', 'SLURM_PROCID': '1'}, None),
 ])
+@pytest.mark.quick
 def test_exit_for_requeue_under_slurm(tmp_path, monkeypatch, env_extra, expected_call):
     record = tmp_path / 'scontrol_args'
     scontrol = tmp_path / 'scontrol'

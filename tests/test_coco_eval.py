@@ -125,6 +125,7 @@ def test_backends_agree_on_random_detections_with_crowds_and_empty_images(seed, 
     assert_backends_agree(coco, part, capsys)
 
 
+@pytest.mark.quick
 def test_backends_agree_when_nothing_matches(capsys):
     coco = _coco(_random_gt(np.random.default_rng(3), num_images=6))
     nothing = {i: {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
@@ -142,6 +143,7 @@ def _polygon_mask(polygon, width, height):
     return np.asarray(image, dtype=np.uint8)
 
 
+@pytest.mark.quick
 def test_backends_agree_on_masks(capsys):
     """segm: polygon ground truth (and a crowd RLE), predicted masks as (K, 1, H, W) probabilities."""
     from pycocotools import mask as mask_util

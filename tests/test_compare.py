@@ -153,6 +153,7 @@ def test_per_run_table_csv_and_plot(sweep, tmp_path):
     assert band_pixels(out / "compare_AP.png") < 300, "single runs have no band"
 
 
+@pytest.mark.quick
 def test_importable_api_and_single_run_dir(sweep):
     runs = load_runs([str(sweep / "type2")])
     assert [r.name for r in runs] == ["type2"]

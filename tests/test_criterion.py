@@ -196,6 +196,7 @@ def test_num_boxes_is_averaged_over_workers(monkeypatch):
         torch.testing.assert_close(distributed[k], single[k] * NUM_BOXES / 5)
 
 
+@pytest.mark.quick
 def test_unknown_loss_name_rejected():
     with pytest.raises(ValueError, match="unknown losses"):
         SetCriterion(NUM_CLASSES, FixedMatcher(INDICES), {}, ["labels", "polygons"], EOS_COEF, ALPHA, GAMMA)
@@ -222,6 +223,7 @@ def test_build_criterion(cls_loss, no_aux_loss, masks):
 
 # ---- post-processing ----
 
+@pytest.mark.quick
 def test_focal_postprocess_picks_top_pairs_over_every_column_then_drops_no_object():
     # Q = 3 queries, C = 2 real classes + the no-object column, which competes for the k slots (original SMCA).
     logits = torch.tensor([[[0.0, 3.0, 2.5],

@@ -51,6 +51,7 @@ def _write_categories(path: Path, ids, annotation_ids=()):
         "categories": [{"id": i, "name": f"c{i}"} for i in ids]}))
 
 
+@pytest.mark.quick
 def test_num_classes_is_largest_category_id_plus_one_and_printed(tmp_path, capsys):
     (tmp_path / "imgs").mkdir()
     ann = tmp_path / "four.json"
@@ -97,6 +98,7 @@ def test_missing_parts_name_the_flags(custom):
     (["--mosaic", "1.5"], "argument --mosaic: must be a finite number in [0, 1], got '1.5'"),
     (["--fixed_size", "800y1333"], "expected N or HxW"),
 ])
+@pytest.mark.quick
 def test_dataset_flag_combinations_fail_at_parse_time(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main.cli([*argv, "--device", "cpu"])

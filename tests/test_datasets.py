@@ -200,6 +200,7 @@ def _sample(w=50, h=30):
     return img, target
 
 
+@pytest.mark.quick
 def test_horizontal_flip_maps_boxes_and_pixels_exactly():
     img, target = _sample()
     w = img.size[0]
@@ -273,6 +274,7 @@ def test_train_transform_invariants(synth):
     assert len(sizes) > 3                      # the scales really vary
 
 
+@pytest.mark.quick
 def test_coco_transforms_use_detr_numbers():
     train = T.make_coco_transforms("train")
     select = train.transforms[1]

@@ -104,6 +104,7 @@ def test_ddp_step_equals_single_process_on_union_batch(tmp_path):
 
 # ---------------------------------------------------------------------------- launcher detection
 
+@pytest.mark.quick
 def test_torchrun_variables_win_over_slurm_step():
     # one srun task running torchrun: the step has 1 task, torchrun says 2 processes
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29400",
@@ -123,6 +124,7 @@ def _slurm_step(procid, ntasks, job_id, array_job=None, array_task=None):
     return env
 
 
+@pytest.mark.quick
 def test_slurm_multi_task_step():
     got = udist._launcher_env(_slurm_step(procid=5, ntasks=8, job_id=1234))
     assert (got["rank"], got["world_size"], got["local_rank"]) == (5, 8, 1)

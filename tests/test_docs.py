@@ -240,6 +240,7 @@ def test_links_and_pictures_exist(page):
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.quick
 def test_flags_exist(page):
     assert stale_flags(page) == []
 
@@ -262,6 +263,7 @@ def test_flags_are_attributed_to_their_command():
                                                              ("--cls_loss", "main")]
 
 
+@pytest.mark.quick
 def test_a_renamed_flag_or_a_moved_page_fails(tmp_path):
     """The checks catch what they are for: a flag main.py no longer has, a flag given to the wrong command, a
     link to a page or heading that moved."""

@@ -98,6 +98,7 @@ except UserError as e:
 """
 
 
+@pytest.mark.quick
 def test_full_file_size_limit(tmp_path):
     """The same failure without a mount: the kernel refuses writes past RLIMIT_FSIZE (as a quota would)."""
     path = tmp_path / "checkpoint.pth"
@@ -126,6 +127,7 @@ def test_nan_learning_rate_fails_at_parse_time():
     ("--focal_alpha", "1.5", "in [0, 1]"), ("--focal_gamma", "-2", ">= 0"), ("--set_cost_bbox", "-inf", ">= 0"),
     ("--giou_loss_coef", "nan", ">= 0"), ("--eos_coef", "-0.1", ">= 0"), ("--owner_timeout", "0", "> 0"),
 ])
+@pytest.mark.quick
 def test_invalid_numbers_fail_at_parse_time(flag, value, wanted, capsys):
     with pytest.raises(SystemExit):
         options.get_args_parser().parse_args([f"{flag}={value}"])  # "=": argparse reads "-1e-4" as a flag

@@ -59,6 +59,7 @@ def test_fixed_size_flag_forms():
             fixed_size(bad)
 
 
+@pytest.mark.quick
 def test_fitted_size_matches_exact_arithmetic():
     for canvas in [(48, 64), (64, 48), (1024, 1024), (800, 1333)]:
         for h in (1, 7, 30, 333, 480, 500, 612, 1000):
@@ -99,6 +100,7 @@ def test_transforms_fit_the_canvas_and_keep_relative_boxes(mixed):
     assert len(seen) > len(CROPS)   # scale jitter inside the canvas
 
 
+@pytest.mark.quick
 def test_collate_pads_to_the_canvas():
     images = [torch.ones(3, 20, 30), torch.ones(3, 48, 10)]
     samples, _ = collate_fn(list(zip(images, [{}, {}])), pad_to=CANVAS)

@@ -180,6 +180,7 @@ def test_fused_equals_explicit_outputs_and_every_gradient(scale_type, head_mixtu
             compare(results["fused"][name], value, eps, name)
 
 
+@pytest.mark.quick
 def test_batch_of_one_equals_its_image_in_a_padded_batch_of_two():
     """Image 0 (7 x 3 cells) alone on its own grid, and padded to 7 x 5 beside image 1: the Lagrange nodes move
     with the grid, G on the image's cells does not."""
@@ -194,6 +195,7 @@ def test_batch_of_one_equals_its_image_in_a_padded_batch_of_two():
         torch.testing.assert_close(alone, out[:, :1], rtol=0, atol=1e-5, msg=route)
 
 
+@pytest.mark.quick
 def test_fused_route_keeps_padded_keys_at_zero_weight():
     module = CoAttention("type3", query_mixture=True)
     tgt, query_pos, memory = inputs()

@@ -54,6 +54,7 @@ def test_smca_entry_loads_a_checkpoint_of_this_fork(tiny_checkpoint):
         hub_load("smca_resnet50", checkpoint=str(path), num_queries=100)
 
 
+@pytest.mark.quick
 def test_pretrained_offline_is_one_clear_line(tmp_path, monkeypatch):
     """The download fails at once (nothing listens on the discard port); the message says where to put the file."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -74,6 +75,7 @@ def test_pretrained_with_other_class_count_points_to_finetuning():
         hub_load("detr_resnet50", pretrained=True, num_classes=5)
 
 
+@pytest.mark.quick
 def test_coco_class_names_entry():
     names = hub_load("coco_class_names")
     assert len(names) == 80 and names[1] == "person" and names[90] == "toothbrush"

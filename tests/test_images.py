@@ -144,6 +144,7 @@ def test_every_file_mode_loads_with_its_rule(tmp_path, case, suffix, options, ma
     assert np.abs(np.asarray(loaded).astype(int) - np.asarray(expected).astype(int)).max() <= tolerance
 
 
+@pytest.mark.quick
 def test_12_bit_pgm_is_scaled_by_its_maxval(tmp_path):
     expected = _pgm_12bit(tmp_path / "deep.pgm")
     with Image.open(tmp_path / "deep.pgm") as stored:
@@ -207,6 +208,7 @@ def test_exif_orientation_is_ignored_as_in_detr(tmp_path):
     ([[0.5, float("nan")]], "float image (mode F) with values in [0.5, 0.5]; float images must hold values in [0, 1]"),
     ([[-1.0, 0.0]], "float image (mode F) with values in [-1, 0]; float images must hold values in [0, 1]"),
 ])
+@pytest.mark.quick
 def test_float_image_out_of_range_fails_naming_the_file(tmp_path, values, message):
     path = tmp_path / "bad.tiff"
     Image.fromarray(np.array(values, dtype=np.float32)).save(path)

@@ -152,6 +152,7 @@ def test_segmentation_checkpoint_gives_boxes_and_coco_panoptic_stuff(tmp_path):
         torch.testing.assert_close(got[key], direct[key])
 
 
+@pytest.mark.quick
 def test_load_detector_errors_are_one_line(tmp_path):
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     torch.save({"optimizer": {}}, tmp_path / "no_model.pth")
@@ -162,6 +163,7 @@ def test_load_detector_errors_are_one_line(tmp_path):
         assert "\n" not in str(info.value)
 
 
+@pytest.mark.quick
 def test_eval_transform_takes_an_image_alone(tmp_path):
     image = Image.new("RGB", (96, 64), (120, 30, 200))
     target = {"boxes": torch.tensor([[10.0, 10.0, 40.0, 30.0]]), "labels": torch.tensor([1])}

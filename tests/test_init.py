@@ -59,6 +59,7 @@ def test_every_matrix_has_xavier_std_and_no_two_start_equal(transformer):
                 assert not torch.equal(a, b), (name_a, name_b)
 
 
+@pytest.mark.quick
 def test_corresponding_parameters_of_cloned_layers_differ(transformer):
     _, model = transformer
     for stack in (model.encoder.layers, model.decoder.layers):
@@ -69,6 +70,7 @@ def test_corresponding_parameters_of_cloned_layers_differ(transformer):
                     assert not torch.equal(p, first[name]), name
 
 
+@pytest.mark.quick
 def test_scale_linears_start_at_weight_zero_bias_one(transformer):
     dynamic_scale, model = transformer
     scales = [m for m in model.modules() if isinstance(m, LearnedScale)]

@@ -122,6 +122,7 @@ def test_imports_only_point_down():
     assert upward_imports(graph, REPO) == []
 
 
+@pytest.mark.quick
 def test_no_import_cycles():
     assert import_cycles(import_graph(REPO), REPO) == []
 

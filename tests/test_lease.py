@@ -69,6 +69,7 @@ def no_slurm(monkeypatch):
             monkeypatch.delenv(name)
 
 
+@pytest.mark.quick
 def test_a_free_folder_is_taken_and_released(tmp_path):
     held = leases.acquire(tmp_path)
     owner = json.loads((tmp_path / leases.LEASE_NAME).read_text())
@@ -118,6 +119,7 @@ def test_other_host_is_live_until_its_heartbeat_times_out(tmp_path, no_slurm):
                     f"its heartbeat is 700 s old (timeout 600 s)"]
 
 
+@pytest.mark.quick
 def test_a_requeued_slurm_job_takes_over_its_previous_run(tmp_path, no_slurm, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_CLUSTER_NAME", "c1")

@@ -112,6 +112,7 @@ def test_focal_class_cost_equals_plain_formula(alpha, gamma):
     assert torch.isfinite(cost).all()
 
 
+@pytest.mark.quick
 def test_softmax_class_cost_is_minus_target_probability():
     logits = torch.tensor([[0.0, math.log(3.0), 0.0]])  # probabilities 0.2, 0.6, 0.2
     cost = softmax_class_cost(logits, torch.tensor([1, 0, 1]))
@@ -140,6 +141,7 @@ def test_all_zero_costs_rejected():
         HungarianMatcher(cost_class=0, cost_bbox=0, cost_giou=0, class_cost=softmax_class_cost)
 
 
+@pytest.mark.quick
 def test_build_matcher_chooses_class_cost():
     args = Namespace(cls_loss="focal", set_cost_class=2.0, set_cost_bbox=5.0, set_cost_giou=2.0,
                      focal_alpha=0.4, focal_gamma=1.5)

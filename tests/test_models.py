@@ -381,6 +381,7 @@ def test_ce_classifier_bias_keeps_pytorch_default(tiny_args):
     ({"set_cost_class": 0.5}, "ce", (1.0, 0.5)),
     ({"dynamic_scale": "type3", "cls_loss": "ce", "cls_loss_coef": 4.0, "set_cost_class": 5.0}, "ce", (4.0, 5.0)),
 ])
+@pytest.mark.quick
 def test_cls_loss_resolution(tiny_args, flags, cls_loss, coefs):
     args = tiny_args(**flags)
     assert args.cls_loss == cls_loss
@@ -396,6 +397,7 @@ def test_cls_loss_resolution(tiny_args, flags, cls_loss, coefs):
     ({"dilation": True}, "--dilation"),  # torchvision's BasicBlock (resnet18/34) cannot dilate
     ({"dilation": True, "backbone": "resnet34"}, "--dilation"),
 ])
+@pytest.mark.quick
 def test_invalid_flag_combinations_are_rejected(tiny_args, flags, flag_named):
     # (a value out of its flag's own range, e.g. --smooth 0, fails earlier, in argparse: tests/test_faults.py)
     with pytest.raises(UserError, match=flag_named):

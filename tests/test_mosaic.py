@@ -32,6 +32,7 @@ def _sample(k, w, h):
     return img, target
 
 
+@pytest.mark.quick
 def test_mosaic_boxes_and_pixels_match_a_plain_computation():
     samples = [_sample(k, w, h) for k, (w, h) in enumerate(SIZES)]
     img, target = mosaic(samples, CENTRE, CANVAS)

@@ -34,6 +34,7 @@ def test_old_checkpoint_loads_without_trusting_it(tmp_path):
     assert set(checkpoint["rng"]) == {"python", "numpy", "torch"}
 
 
+@pytest.mark.quick
 def test_old_run_folder_status(tmp_path):
     import slurm.status
 

@@ -112,6 +112,7 @@ def _target():
             "iscrowd": torch.zeros(3, dtype=torch.int64), "size": torch.tensor([40, 60])}
 
 
+@pytest.mark.quick
 def test_masks_follow_flip_resize_and_crop():
     image = Image.new("RGB", (60, 40))
     target = _target()

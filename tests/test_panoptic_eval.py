@@ -82,6 +82,7 @@ def test_iou_must_exceed_one_half():
     assert stats[1][1:] == [1, 0, 0] and stats[1][0] == pytest.approx(9 / 16)
 
 
+@pytest.mark.quick
 def test_crowd_region_is_neither_missed_nor_a_false_positive_of_its_category():
     gt, cats = scene()
     gt[5:10, 5:10] = 12  # a crowd of cat 1 (25 px)
@@ -136,6 +137,7 @@ def test_stuff_and_thing_averages_use_the_ground_truth_categories():
     assert pq_average({}, CATEGORIES, None)[0] == {"pq": 0.0, "sq": 0.0, "rq": 0.0, "n": 0}
 
 
+@pytest.mark.quick
 def test_ground_truth_area_comes_from_the_json():
     """pq_compute takes a ground-truth segment's area from the JSON, not from the PNG."""
     gt, cats = scene()

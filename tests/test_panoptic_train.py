@@ -39,6 +39,7 @@ def test_detr_panoptic_command_without_coco_panoptic_path_is_one_clear_line(tmp_
     assert not (tmp_path / "torch").exists()  # stopped before any download
 
 
+@pytest.mark.quick
 def test_missing_panoptic_json_and_pngs_are_named(tmp_path):
     root = tmp_path / "panoptic"
     (root / "annotations").mkdir(parents=True)

@@ -73,6 +73,7 @@ def test_curves_read_from_a_detr_log(logs):
         plot_logs.field_curves(records, "loss", x="images", source="r101/log.txt")
 
 
+@pytest.mark.quick
 def test_aggregate_mean_band_over_common_epochs():
     curves = [([1, 2, 3], [1.0, 2.0, 3.0]), ([1, 2, 3, 4], [3.0, 4.0, 8.0, 9.0]), ([1, 2, 3], [2.0, 6.0, 4.0])]
     xs, mean, low, high = plot_logs.aggregate(curves, "minmax")
@@ -110,6 +111,7 @@ def test_bad_input_is_one_error_line(logs, tmp_path, args, message):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.quick
 def test_a_bad_line_in_the_middle_names_file_and_line(tmp_path):
     path = tmp_path / "run" / "log.txt"
     write_log(path, [detr_record(0, 1.0)])

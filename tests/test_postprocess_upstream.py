@@ -6,6 +6,7 @@ import contextlib
 import io
 
 import numpy as np
+import pytest
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -86,6 +87,7 @@ def fork_stats(coco, logits, boxes, k):
         return evaluator.summarize(), detections
 
 
+@pytest.mark.quick
 def test_fork_stats_equal_the_original_post_processing_scored_by_pycocotools():
     coco = ground_truth()
     logits, boxes = model_outputs(coco)

@@ -252,6 +252,7 @@ def test_bad_input_is_one_line(tmp_path, tiny_checkpoint, capsys):
     assert {r["file_name"] for r in json.loads((tmp_path / "o5" / "detections.json").read_text())} == {"a_good.jpg"}
 
 
+@pytest.mark.quick
 def test_image_ids_and_output_names():
     assert predict.image_ids([Path("a/000139.jpg"), Path("b/42.png")]) == [139, 42]
     assert predict.image_ids([Path("a/1.jpg"), Path("b/001.jpg")]) == [1, 2]  # the same number twice
@@ -272,6 +273,7 @@ def test_label_tags_do_not_cover_each_other():
             assert xi + wi <= xj or xj + wj <= xi or yi + hi <= yj or yj + hj <= yi
 
 
+@pytest.mark.quick
 def test_panoptic_picture_tints_segments_outlines_them_and_leaves_void_alone():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
     segments = np.zeros((40, 60), dtype=np.int64)  # VOID on the left third

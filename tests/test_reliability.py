@@ -75,6 +75,7 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.quick
 def test_malicious_checkpoint_is_refused_and_does_not_run(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "checkpoint.pth"

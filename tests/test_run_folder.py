@@ -8,6 +8,7 @@ import shutil
 import signal
 import time
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -147,6 +148,7 @@ def test_resume_auto_on_a_finished_run_touches_nothing(finished_tiny_run):
     assert snapshot(folder) == before  # not even a lease came and went
 
 
+@pytest.mark.quick
 def test_finished_json_keeps_the_metrics_of_the_checkpoint(finished_tiny_run, tmp_path):
     """A kill after the last checkpoint and before finished.json (here also tearing log.txt's last line):
     the resumed run trains nothing and evaluates nothing, and still writes the last evaluation's metrics."""

@@ -109,6 +109,7 @@ def test_mask_head_output_shapes(tiny_args, sizes):
     assert torch.isfinite(out["pred_masks"]).all()
 
 
+@pytest.mark.quick
 def test_attention_map_ignores_padding_and_sums_to_one_over_heads_and_cells():
     torch.manual_seed(0)
     attention = MHAttentionMap(16, 16, num_heads=4)
@@ -192,6 +193,7 @@ class FixedMatcher(torch.nn.Module):
         return self.indices
 
 
+@pytest.mark.quick
 def test_mask_losses_equal_a_plain_reference():
     """loss_mask and loss_dice against a loop over matched pairs with torchvision's focal loss: bilinear upsampling
     of the stride-4 logits to the padded canvas, focal averaged over pixels, DICE with +1 smoothing, both summed

@@ -403,6 +403,7 @@ def test_sweep_py_submits_an_array_of_unfinished_runs(slurm_cluster, tmp_path, s
     assert sorted(p.name for p in (root / done).iterdir()) == ["finished.json"]  # untouched
 
 
+@pytest.mark.quick
 def test_smca_table_resolves_to_focal_for_every_run():
     import options
 
@@ -423,6 +424,7 @@ def _write(tmp_path, text):
     return path
 
 
+@pytest.mark.quick
 def test_reader_common_first_run_flags_override_and_comments(tmp_path):
     path = _write(tmp_path, "# header\n\nfirst --lr 2e-4   # trailing comment\ncommon: --epochs 5 --lr 1e-4\n"
                             "second --smooth 4 --dynamic_scale type2 --synthetic_root 'a b'\n")

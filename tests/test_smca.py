@@ -196,6 +196,7 @@ def test_prior_equals_spec_formula(scale_type):
         assert not torch.allclose(expected, unit, atol=1e-2)
 
 
+@pytest.mark.quick
 def test_smooth_divides_the_prior():
     inputs = prior_inputs(seed=3)
     sharp, wide = make_prior("type3", smooth=4.0), make_prior("type3", smooth=16.0)
@@ -295,6 +296,7 @@ def test_centres_in_a_full_model(tiny_args, backbone, dilation):
 # --- mixtures ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("head, query", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.quick
 def test_mixture_mask_pattern(head, query):
     queries, heads = 5, 3  # odd: floor(3/2) = 1 head with the prior, floor(5/2) = 2 plain queries
     expected = torch.tensor([[float((not head or m < heads // 2) and (not query or q >= queries // 2))

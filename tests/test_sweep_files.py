@@ -12,6 +12,7 @@ SWEEPS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.sw
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+@pytest.mark.quick
 def test_every_run_builds_its_model(path, single_thread):
     runs = sweeps.read_sweep(path)
     assert runs

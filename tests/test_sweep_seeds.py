@@ -36,6 +36,7 @@ def expected(seeds, names=("detr", "type2")):
             for k in seeds for name in names]
 
 
+@pytest.mark.quick
 def test_seeds_line_expands_every_run_seed_major(tmp_path):
     runs = sweeps.read_sweep(_write(tmp_path, SWEEP))
     assert [(r.name, r.argv, r.base, r.seed) for r in runs] == expected([0, 1, 2])
@@ -64,6 +65,7 @@ def test_seeds_override_replaces_the_file_list_or_adds_one(tmp_path):
     (SWEEP + "seeds: 4\n", None, "s.sweep:6: second 'seeds:' line (the first is line 3)"),
     (SWEEP, ["x"], "--seeds: seed 'x' is not a non-negative integer"),
 ])
+@pytest.mark.quick
 def test_seed_errors_name_the_line(tmp_path, text, seeds, message):
     with pytest.raises(UserError) as info:
         sweeps.read_sweep(_write(tmp_path, text), seeds=seeds)

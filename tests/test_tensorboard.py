@@ -129,6 +129,7 @@ def test_scalars_read_back_on_every_axis(tmp_path):
     assert_only_event_files(run_dir)
 
 
+@pytest.mark.quick
 def test_smca_histograms_and_means(tmp_path):
     run_dir = str(tmp_path / "run")
     scale = torch.tensor([[0.5, 1.5], [2.0, 4.0]])
@@ -164,6 +165,7 @@ def read_hparams(acc):
     return content, hparams, experiment
 
 
+@pytest.mark.quick
 def test_hparams_in_the_run_folder(tmp_path):
     run_dir = str(tmp_path / "run")
     logger = RunLogger(run_dir)

@@ -103,6 +103,7 @@ def test_explicit_flag_conflicting_with_checkpoint_is_an_error(trained_run, synt
     assert "type3" in result.stderr and "type2" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.quick
 def test_resume_from_unreachable_url_is_a_clear_error(tmp_path):
     result = run_main(["--eval", "--resume", "https://127.0.0.1:9/detr-r50.pth", "--device", "cpu"],
                       TORCH_HOME=str(tmp_path))

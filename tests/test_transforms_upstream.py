@@ -118,6 +118,7 @@ def test_validation_resize_is_detr_truncation(w, h):
     torch.testing.assert_close(got["area"], torch.tensor(plain.areas, dtype=torch.float32), rtol=1e-6, atol=0)
 
 
+@pytest.mark.quick
 def test_resize_sizes_of_the_grid():
     """The table in the closing note: 640x480 -> 1066x800 (DETR truncates; rounding would give 1067)."""
     sizes = {(w, h): T.resized_size((w, h), 800, MAX_SIZE) for w, h in GRID}
@@ -179,6 +180,7 @@ def test_extreme_aspect_ratio_multiscale_branch():
     pytest.fail("no seed in range(40) took the multi-scale branch")
 
 
+@pytest.mark.quick
 def test_center_crop_rounds_offsets_and_clips_boxes():
     img, target, plain = sample(640, 427)
     out, got = T.CenterCrop((300, 451))(img, target)

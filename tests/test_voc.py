@@ -145,6 +145,7 @@ def test_voc_ap_hand_computed_scenario(tmp_path):
     assert stats["voc_AP50_per_class"]["cat"] == {"11point": -1.0, "area": -1.0}
 
 
+@pytest.mark.quick
 def test_voc_ap_definitions_small_cases():
     # the devkit's 11 thresholds are 0:0.1:1, so t = 3 * 0.1 lies just above a recall of 3/10
     assert voc_ap([0.1, 0.2, 0.3], [1, 1, 1], "11point") == pytest.approx(3 / 11)
@@ -158,6 +159,7 @@ def test_voc_ap_definitions_small_cases():
     assert voc_ap([], [], "area") == 0.0 and voc_ap([], [], "11point") == 0.0
 
 
+@pytest.mark.quick
 def test_iou_of_exactly_half_is_a_match_and_ties_keep_input_order():
     gt = {1: (np.array([[0.0, 0.0, 10.0, 10.0]]), np.array([False]))}
     # IoU 100 / 200 = 0.5 exactly: the devkit's '>=' counts it
