@@ -4,10 +4,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import export
 import predict
+from models import build_detr, detr_kwargs
 from test_predict import val_set
 
 pytest.importorskip("onnxruntime", reason="the export extra (requirements-export.txt) is not installed")
@@ -95,3 +97,26 @@ def test_resume_and_onnx_are_exclusive(capsys):
     assert "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         predict.get_args_parser().parse_args(["a.jpg", "--output_dir", "o"])
+
+
+def test_a_segmentation_export_draws_the_same_panoptic_pictures(tiny_checkpoint, tmp_path):
+    """A --masks checkpoint (random mask head, one stuff class) exported with its masks: predict.py --onnx writes
+    the detections and the panoptic pictures of the checkpoint."""
+    path, synthetic_root = tiny_checkpoint
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    config = {**stored["config"], "masks": True, "dynamic_scale": "none", "head_mixture": False,
+              "query_mixture": False, "cls_loss": "ce", "panoptic_threshold": 0.1, "dec_layers": 1}
+    torch.manual_seed(0)
+    model = build_detr(**{**detr_kwargs(config), "freeze_detector": False})
+    torch.save({"model": model.state_dict(), "config": config, "class_names": stored["class_names"],
+                "stuff_ids": [1]}, tmp_path / "segm.pth")
+    assert export.cli(["--resume", str(tmp_path / "segm.pth"), "--output", str(tmp_path / "segm.onnx"),
+                       "--no_check"]) == 0
+    images = [str(p) for p in images_of(synthetic_root, 2)]
+    assert predict.cli(["--resume", str(tmp_path / "segm.pth"), *images, "--output_dir", str(tmp_path / "torch")]) == 0
+    assert predict.cli(["--onnx", str(tmp_path / "segm.onnx"), *images, "--output_dir", str(tmp_path / "onnx")]) == 0
+    pictures = sorted(p.name for p in (tmp_path / "torch").glob("*_panoptic.png"))
+    assert len(pictures) == 2 and pictures == sorted(p.name for p in (tmp_path / "onnx").glob("*_panoptic.png"))
+    for name in pictures:
+        with Image.open(tmp_path / "torch" / name) as a, Image.open(tmp_path / "onnx" / name) as b:
+            assert np.array_equal(np.asarray(a), np.asarray(b)), name
