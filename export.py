@@ -18,6 +18,7 @@ import contextlib
 import importlib.util
 import logging
 import math
+import os
 import sys
 import warnings
 from typing import Dict, Tuple
@@ -176,10 +177,14 @@ def export_model(args) -> Dict[str, float]:
     from inference import export_metadata
     from models.deploy import DeployModel
 
+    from util.errors import UserError
+
     missing = missing_packages(args.format)
     if missing:
-        from util.errors import UserError
         raise UserError(f"--format {args.format} needs {', '.join(missing)}: {INSTALL_HINT}")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        raise UserError(f"--output {args.output}: the folder {folder} does not exist")
     detector = load(args.resume, args.trust_checkpoint)
     print(f"model: {detector.describe()}")
     deploy = DeployModel(detector.model, detector.cls_loss, detector.postprocessor.num_select or

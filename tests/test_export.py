@@ -2,6 +2,8 @@
 on both prior routes, the segmentation model, and the in-graph scoring; each exported file against the PyTorch
 model on mixed-size batches it was not traced with, and the one-line errors. One export per variant, shared by
 the module (an export takes tens of seconds on a loaded 2-core machine)."""
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -59,10 +61,8 @@ def exported(tmp_path_factory, single_thread):
             checkpoint = write_checkpoint(folder / f"{name}.pth", **flags)
             output = folder / f"{name}.{'onnx' if fmt == 'onnx' else 'pt2'}"
             argv = ["--resume", str(checkpoint), "--format", fmt, "--output", str(output)]
-            from contextlib import redirect_stdout
-            from io import StringIO
-            buffer = StringIO()
-            with redirect_stdout(buffer):
+            buffer = io.StringIO()
+            with contextlib.redirect_stdout(buffer):
                 code = export.cli(argv + (["--postprocess"] if postprocess else []))
             assert code == 0, buffer.getvalue()
             done[name] = (checkpoint, output, buffer.getvalue())
@@ -152,6 +152,13 @@ def test_without_the_export_packages_one_line_says_what_to_install(tmp_path, mon
     assert err == "error: --format onnx needs onnxruntime: pip install -e .[export] (or pip install -r " \
                   "requirements-export.txt)\n"
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_missing_output_folder_is_one_line(tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path / "detr.pth")
+    assert export.cli(["--resume", str(checkpoint), "--output", str(tmp_path / "no" / "m.onnx")]) == 2
+    assert capsys.readouterr().err == f"error: --output {tmp_path / 'no' / 'm.onnx'}: the folder {tmp_path / 'no'} " \
+                                      f"does not exist\n"
 
 
 def test_an_exporter_failure_is_one_line(tmp_path, monkeypatch, capsys):
