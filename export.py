@@ -25,7 +25,6 @@ from typing import Dict, Tuple
 
 FORMATS = ("onnx", "torch_export")
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
-INSTALL_HINT = "pip install -e .[export] (or pip install -r requirements-export.txt)"
 # the check: largest |exported - PyTorch| allowed for every output (float32; measured differences are ~1e-6)
 CHECK_TOLERANCE = 1e-4
 # the check's random images (H, W): run as one padded batch (one image padded), then the second image alone
@@ -174,14 +173,14 @@ def check(deploy, path: str, fmt: str) -> Dict[str, float]:
 
 def export_model(args) -> Dict[str, float]:
     """Export ``args.resume`` to ``args.output``; returns the check's differences per output ({} with --no_check)."""
-    from inference import export_metadata
+    from inference import EXPORT_INSTALL_HINT, export_metadata
     from models.deploy import DeployModel
 
     from util.errors import UserError
 
     missing = missing_packages(args.format)
     if missing:
-        raise UserError(f"--format {args.format} needs {', '.join(missing)}: {INSTALL_HINT}")
+        raise UserError(f"--format {args.format} needs {', '.join(missing)}: {EXPORT_INSTALL_HINT}")
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
         raise UserError(f"--output {args.output}: the folder {folder} does not exist")

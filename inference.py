@@ -45,6 +45,8 @@ QUERY_SCORES: Dict[str, Callable[[Tensor], tuple]] = {
 
 # the key of the metadata export.py stores in an exported file: what a Detector needs besides the graph (JSON)
 EXPORT_METADATA_KEY = "smca_detr"
+# how to get the export extra (pyproject.toml), for the one-line errors where it is missing
+EXPORT_INSTALL_HINT = "pip install -e .[export] (or pip install -r requirements-export.txt)"
 
 
 class ExportedModel:
@@ -174,8 +176,7 @@ def load_onnx_detector(path: str) -> Detector:
         import onnx
         import onnxruntime
     except ImportError:
-        raise UserError("running an ONNX model needs onnx and onnxruntime: pip install -e .[export] "
-                        "(or pip install -r requirements-export.txt)") from None
+        raise UserError(f"running an ONNX model needs onnx and onnxruntime: {EXPORT_INSTALL_HINT}") from None
     try:
         proto = onnx.load(path, load_external_data=False)
     except Exception as e:  # a missing file, or protobuf errors of several types

@@ -30,6 +30,7 @@ import main as detr_main
 from datasets import COCO_NUM_CLASSES
 from experiments.benchmark_common import (MIB, VARIANTS, environment, image_shape, memory_meter, peak_memory,
                                           time_calls)
+from inference import EXPORT_INSTALL_HINT
 from util.errors import UserError
 
 MODEL_SEED = 0
@@ -160,7 +161,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
                 raise UserError(f"--{name} must be positive, got {getattr(opts, name)}")
         missing = export.missing_packages("onnx")
         if missing:
-            raise UserError(f"the infer mode needs {', '.join(missing)}: {export.INSTALL_HINT}")
+            raise UserError(f"the infer mode needs {', '.join(missing)}: {EXPORT_INSTALL_HINT}")
         if opts.threads is not None:
             if opts.threads <= 0:
                 raise UserError(f"--threads must be positive, got {opts.threads}")
