@@ -127,8 +127,9 @@ def markdown(result: Dict) -> str:
     eager = {row["variant"]: row for row in result["rows"] if row["engine"] == "eager"}
     for row in result["rows"]:
         speedup = eager[row["variant"]]["seconds"] / row["seconds"]
+        diff = "-" if row["engine"] == "eager" else f"{row['max_abs_diff']:.1e}"
         lines.append(f"| {row['variant']} | {row['engine']} | {row['seconds']:.3f} | {row['images_per_s']:.2f} | "
-                     f"{row['cpu_s']:.3f} | {row['peak_mib']:.0f} | {speedup:.2f}x | {row['max_abs_diff']:.1e} |")
+                     f"{row['cpu_s']:.3f} | {row['peak_mib']:.0f} | {speedup:.2f}x | {diff} |")
     return "\n".join(lines) + "\n"
 
 
