@@ -117,7 +117,6 @@ def test_exported_file_matches_pytorch_on_a_new_mixed_size_batch(exported, name)
         torch.testing.assert_close(got["boxes"][index][real], expected["boxes"], rtol=0, atol=TOLERANCE)
 
 
-@pytest.mark.quick
 def test_onnx_file_carries_what_a_detector_needs(exported):
     """load_onnx_detector rebuilds the checkpoint's Detector around the graph: same configuration, class names and
     post-processor, and its model takes DETR's input forms."""
@@ -154,6 +153,7 @@ def test_without_the_export_packages_one_line_says_what_to_install(tmp_path, mon
     assert not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.quick
 def test_a_missing_output_folder_is_one_line(tmp_path, capsys):
     checkpoint = write_checkpoint(tmp_path / "detr.pth")
     assert export.cli(["--resume", str(checkpoint), "--output", str(tmp_path / "no" / "m.onnx")]) == 2

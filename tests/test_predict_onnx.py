@@ -50,7 +50,6 @@ def test_onnx_gives_the_checkpoints_detections_and_pictures(tiny_checkpoint, onn
             assert np.array_equal(np.asarray(a), np.asarray(b)), name
 
 
-@pytest.mark.quick
 def test_attention_needs_the_checkpoint(onnx_file, tmp_path, capsys, tiny_checkpoint):
     image = str(images_of(tiny_checkpoint[1], 1)[0])
     assert predict.cli(["--onnx", str(onnx_file), image, "--output_dir", str(tmp_path), "--attention"]) == 2
@@ -91,6 +90,7 @@ def test_a_postprocessed_export_is_refused_in_one_line(onnx_file, tmp_path, caps
     assert "was exported with --postprocess; predict.py reads the raw outputs" in capsys.readouterr().err
 
 
+@pytest.mark.quick
 def test_resume_and_onnx_are_exclusive(capsys):
     with pytest.raises(SystemExit):
         predict.get_args_parser().parse_args(["a.jpg", "--output_dir", "o", "--resume", "c.pth", "--onnx", "m.onnx"])
