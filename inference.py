@@ -7,6 +7,7 @@ checkpoint (this fork's, or DETR's published COCO checkpoints).
 The architecture comes from the checkpoint: its stored configuration, or for DETR's official files (which store
 none) from the weights (rundir/run_config.infer_official_config). predict.py and hubconf.py build on this.
 """
+import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -23,7 +24,7 @@ from options import ARCH_FLAGS, get_args_parser, resolve_loss
 from rundir import run_config
 from rundir.checkpoint import load_checkpoint, load_model_weights
 from util.errors import UserError
-from util.misc import nested_tensor_from_tensor_list
+from util.misc import as_nested_tensor, nested_tensor_from_tensor_list
 
 DETR_URL = "https://dl.fbaipublicfiles.com/detr/"
 # DETR's published COCO checkpoints: hub entry -> (URL, the architecture flags the weights cannot tell)
@@ -42,6 +43,27 @@ QUERY_SCORES: Dict[str, Callable[[Tensor], tuple]] = {
 }
 
 
+# the key of the metadata export.py stores in an exported file: what a Detector needs besides the graph (JSON)
+EXPORT_METADATA_KEY = "smca_detr"
+# how to get the export extra (pyproject.toml), for the one-line errors where it is missing
+EXPORT_INSTALL_HINT = "pip install -e .[export] (or pip install -r requirements-export.txt)"
+
+
+class ExportedModel:
+    """A graph exported by export.py behind the model's call: samples (any of DETR's input forms) -> a dict of
+    its named outputs as CPU tensors. ``run(images, mask)`` runs the graph on numpy arrays."""
+    device = torch.device("cpu")
+
+    def __init__(self, run: Callable, output_names: Sequence[str]):
+        self.run = run
+        self.output_names = tuple(output_names)
+
+    def __call__(self, samples) -> Dict[str, Tensor]:
+        images, mask = as_nested_tensor(samples, channels=3).decompose()  # (B, 3, H, W), (B, H, W)
+        outputs = self.run(images.cpu().float().numpy(), mask.cpu().numpy())
+        return {name: torch.from_numpy(value) for name, value in zip(self.output_names, outputs)}
+
+
 @dataclass
 class Detector:
     """Everything needed to turn images into named detections."""
@@ -57,6 +79,8 @@ class Detector:
 
     @property
     def device(self) -> torch.device:
+        if isinstance(self.model, ExportedModel):
+            return self.model.device
         return next(self.model.parameters()).device
 
     @property
@@ -133,3 +157,50 @@ def load_detector(checkpoint: str, device: str = "cpu", trust: bool = False, che
                     class_names=None if class_names is None else {int(k): str(v) for k, v in class_names.items()},
                     transform=transform, config={**(stored or {}), **{f: getattr(args, f) for f in ARCH_FLAGS}},
                     source=checkpoint, panoptic=panoptic)
+
+
+def export_metadata(detector: Detector, output_names: Sequence[str]) -> str:
+    """What load_onnx_detector needs besides the graph, as JSON: the configuration, class names, the panoptic
+    post-processor's stuff ids and threshold (None for a detector), the source and the graph's output names."""
+    panoptic = detector.panoptic
+    return json.dumps({"config": detector.config, "class_names": detector.class_names, "source": detector.source,
+                       "stuff_ids": None if panoptic is None else sorted(panoptic.stuff_ids),
+                       "panoptic_threshold": None if panoptic is None else panoptic.threshold,
+                       "outputs": list(output_names)}, default=str)
+
+
+def load_onnx_detector(path: str) -> Detector:
+    """A Detector whose model is an ONNX file written by export.py, run by onnxruntime on the CPU: the same
+    post-processors, class names and input transform as the checkpoint it came from (stored in the file)."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise UserError(f"running an ONNX model needs onnx and onnxruntime: {EXPORT_INSTALL_HINT}") from None
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as e:  # a missing file, or protobuf errors of several types
+        raise UserError(f"--onnx {path}: cannot read it as an ONNX model ({type(e).__name__}: {e})") from None
+    stored = {p.key: p.value for p in proto.metadata_props}.get(EXPORT_METADATA_KEY)
+    if stored is None:
+        raise UserError(f"--onnx {path} was not written by export.py (no '{EXPORT_METADATA_KEY}' metadata): "
+                        f"export it with python export.py --format onnx")
+    meta = json.loads(stored)
+    if "pred_logits" not in meta["outputs"]:
+        raise UserError(f"--onnx {path} was exported with --postprocess; predict.py reads the raw outputs: "
+                        f"export it again without --postprocess")
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+    def run(images, mask):
+        return session.run(list(meta["outputs"]), {"images": images, "mask": mask})
+
+    config = meta["config"]
+    panoptic = None
+    if meta["stuff_ids"] is not None:
+        panoptic = PostProcessPanoptic(meta["stuff_ids"], meta["panoptic_threshold"], config["cls_loss"])
+    class_names = meta["class_names"]
+    return Detector(model=ExportedModel(run, meta["outputs"]),
+                    postprocessor=build_postprocessor(config["cls_loss"], config["num_queries"],
+                                                      config.get("num_detections")),
+                    class_names=None if class_names is None else {int(k): v for k, v in class_names.items()},
+                    transform=datasets.eval_transform(config), config=config, source=path, panoptic=panoptic)

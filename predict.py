@@ -1,6 +1,7 @@
 """Run a trained detector on images and look at what it found.
 
     python predict.py --resume CKPT_OR_URL IMAGE_OR_FOLDER... --output_dir OUT [--threshold T] [--attention]
+    python predict.py --onnx FILE IMAGE_OR_FOLDER... --output_dir OUT [--threshold T]   # export.py's ONNX file
 
 Writes into OUT:
 - ``detections.json``: COCO results (image_id, category_id, bbox [x, y, w, h] in image pixels, score) plus
@@ -26,7 +27,7 @@ from PIL import Image
 
 from datasets.class_names import class_name
 from datasets.images import ImageDecodeError, load_rgb
-from inference import Detector, load_detector
+from inference import Detector, load_detector, load_onnx_detector
 from models.attention_maps import co_attention_maps
 from rundir.checkpoint import atomic_write_text
 from util.box_ops import box_cxcywh_to_xyxy
@@ -46,8 +47,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      description="detections.json, box pictures and attention figures for images")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
                         help=f"image files, or folders whose images ({' '.join(IMAGE_SUFFIXES)}) are all used")
-    parser.add_argument("--resume", "--checkpoint", dest="resume", required=True, metavar="CKPT_OR_URL",
-                        help="checkpoint written by main.py, or one of DETR's (path or https URL)")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--resume", "--checkpoint", dest="resume", metavar="CKPT_OR_URL",
+                       help="checkpoint written by main.py, or one of DETR's (path or https URL)")
+    model.add_argument("--onnx", metavar="FILE",
+                       help="an ONNX file written by export.py (run by onnxruntime on the CPU; needs the export "
+                            "extra): the same outputs and pictures as its checkpoint")
     parser.add_argument("--output_dir", required=True, help="where detections.json and the pictures go")
     parser.add_argument("--threshold", type=float, default=None,
                         help="keep detections scoring at least this (0 keeps all: COCO-evaluable results); "
@@ -71,6 +76,9 @@ def check_args(args) -> None:
         raise UserError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.attention_top < 1 or args.vis_scale <= 0:
         raise UserError("--attention_top must be >= 1 and --vis_scale > 0")
+    if args.onnx and args.attention:
+        raise UserError("--attention reads the PyTorch model's attention with hooks; an --onnx graph has none: "
+                        "pass the checkpoint with --resume instead")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} but CUDA is not available; use --device cpu")
 
@@ -168,7 +176,10 @@ def predict(args) -> List[dict]:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--output_dir {output_dir} cannot be created ({e.strerror})") from None
-    detector = load_detector(args.resume, device=args.device, trust=args.trust_checkpoint)
+    if args.onnx:
+        detector = load_onnx_detector(args.onnx)
+    else:
+        detector = load_detector(args.resume, device=args.device, trust=args.trust_checkpoint)
     print(f"model: {detector.describe()}")
     if args.threshold is None:
         args.threshold = DEFAULT_THRESHOLDS[detector.cls_loss]

@@ -7,6 +7,8 @@ Modes (``python -m experiments.benchmark MODE --help`` for each one's flags):
           share and its growth with Q x HW (experiments/benchmark_coattn.py)
   eval    evaluation throughput (post-processing + COCO scoring) per COCO backend, side by side
           (experiments/benchmark_eval.py)
+  infer   CPU inference, eager PyTorch against the ONNX export in onnxruntime: images/s and peak memory
+          (experiments/benchmark_infer.py; needs the export extra)
 
 A mode is a module with ``cli(argv) -> exit code``; add one to MODES. Without a mode name the flags go to
 ``model``, so the commands of earlier versions still work.
@@ -24,6 +26,7 @@ MODES = {
     "model": "experiments.benchmark_model",
     "coattn": "experiments.benchmark_coattn",
     "eval": "experiments.benchmark_eval",
+    "infer": "experiments.benchmark_infer",
 }
 DEFAULT_MODE = "model"
 

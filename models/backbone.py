@@ -105,6 +105,7 @@ class Backbone(nn.Module):
             if not train_backbone or not pname.startswith(trained):
                 parameter.requires_grad_(False)
         self.num_channels = resnet.fc.in_features
+        self.in_channels = resnet.conv1.in_channels  # what the model reads: 3 (RGB)
         self.stride = _resnet_stride(resnet)
         return_layers = _STAGES if return_interm_layers else _STAGES[-1:]
         self.layer_channels = tuple(_stage_channels(getattr(resnet, stage)) for stage in return_layers)
@@ -126,6 +127,7 @@ class Joiner(nn.Sequential):
     def __init__(self, backbone: Backbone, position_embedding: nn.Module):
         super().__init__(backbone, position_embedding)
         self.num_channels = backbone.num_channels
+        self.in_channels = backbone.in_channels
         self.layer_channels = backbone.layer_channels
         self.stride = backbone.stride
 

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from models.backbone import Joiner, image_extent
 from models.spatial_prior import MLP
 from models.transformer import Transformer
-from util.misc import NestedTensor, nested_tensor_from_tensor_list
+from util.misc import NestedTensor, as_nested_tensor
 
 
 class DETR(nn.Module):
@@ -29,12 +29,14 @@ class DETR(nn.Module):
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
         self.backbone = backbone
+        self.input_channels = backbone.in_channels
         self.aux_loss = aux_loss
         if class_bias_prior > 0:
             nn.init.constant_(self.class_embed.bias, -math.log((1 - class_bias_prior) / class_bias_prior))
 
     def forward(self, samples) -> Dict:
-        """samples: NestedTensor (B, 3, H, W) + mask (B, H, W), or a list of (3, H, W) images.
+        """samples, as DETR takes them: a NestedTensor (B, 3, H, W) + mask (B, H, W) True on padding, a (B, 3, H, W)
+        tensor (no padding) or a list of (3, H, W) images of any sizes (padded bottom/right); else a ValueError.
 
         Returns 'pred_logits' (B, Q, C + 1), 'pred_boxes' (B, Q, 4) normalised cxcywh and, with aux_loss,
         'aux_outputs' for every decoder layer but the last. Needs no targets: image extents come from the mask.
@@ -45,8 +47,7 @@ class DETR(nn.Module):
         """``forward``'s outputs, and what DETR's segmentation head (models/segmentation.py) reads: 'features'
         (the backbone's NestedTensors, finest first), 'src' the projected last map (B, d, Hf, Wf), 'mask'
         (B, Hf, Wf), 'hs' the decoder outputs (L, B, Q, d) and 'memory' the encoder output (B, d, Hf, Wf)."""
-        if isinstance(samples, (list, tuple)):
-            samples = nested_tensor_from_tensor_list(list(samples))
+        samples = as_nested_tensor(samples, self.input_channels)
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()  # (B, C, Hf, Wf), (B, Hf, Wf)
         src = self.input_proj(src)  # (B, d, Hf, Wf)

@@ -129,7 +129,8 @@ class DETRsegm(nn.Module):
         return self
 
     def forward(self, samples) -> Dict:
-        """samples: NestedTensor (B, 3, H, W) + mask, or a list of (3, H, W) images. Returns DETR's outputs
+        """samples: a NestedTensor (B, 3, H, W) + mask, a (B, 3, H, W) tensor or a list of (3, H, W) images (as
+        DETR.forward). Returns DETR's outputs
         ('pred_logits', 'pred_boxes', 'aux_outputs') and 'pred_masks' (B, Q, H_1, W_1), H_1 = layer1's height."""
         out, inner = self.detr.forward_with_features(samples)
         batch, queries = out["pred_logits"].shape[:2]

@@ -50,6 +50,41 @@ def nested_tensor_from_tensor_list(tensor_list: List[Tensor], pad_to: Optional[T
     return NestedTensor(tensors, mask)
 
 
+def _describe(value) -> str:
+    """What a model input is, for an error message: 'a tensor of shape (3, 64)', 'a dict', ..."""
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def as_nested_tensor(samples, channels: int) -> NestedTensor:
+    """DETR's three input forms as one NestedTensor: a NestedTensor as it is, a (B, C, H, W) tensor (no padding:
+    an all-False mask) or a list/tuple of (C, H, W) images of any sizes (padded by nested_tensor_from_tensor_list).
+
+    ``channels``: the C the model reads. Anything else raises one ValueError naming what was given."""
+    usage = f"pass a (B, {channels}, H, W) tensor, a list of ({channels}, H, W) images or a NestedTensor"
+    if isinstance(samples, NestedTensor):
+        tensors, mask = samples.tensors, samples.mask
+        if tensors.dim() != 4 or tensors.shape[1] != channels or mask.shape != tensors.shape[:1] + tensors.shape[2:]:
+            raise ValueError(f"model input: a NestedTensor of images {tuple(tensors.shape)} and mask "
+                             f"{tuple(mask.shape)}; expected (B, {channels}, H, W) images and a (B, H, W) mask")
+        return samples
+    if isinstance(samples, Tensor):
+        if samples.dim() != 4 or samples.shape[1] != channels or not samples.is_floating_point():
+            hint = "; for one image use image[None]" if samples.dim() == 3 else ""
+            raise ValueError(f"model input: {_describe(samples)}; {usage}{hint}")
+        mask = torch.zeros((samples.shape[0], *samples.shape[2:]), dtype=torch.bool, device=samples.device)
+        return NestedTensor(samples, mask)  # (B, C, H, W), (B, H, W)
+    if isinstance(samples, (list, tuple)):
+        bad = [i for i, image in enumerate(samples) if not isinstance(image, Tensor) or image.dim() != 3
+               or image.shape[0] != channels or not image.is_floating_point()]
+        if not samples or bad:
+            what = "an empty list" if not samples else f"item {bad[0]} of the list is {_describe(samples[bad[0]])}"
+            raise ValueError(f"model input: {what}; {usage}")
+        return nested_tensor_from_tensor_list(list(samples))
+    raise ValueError(f"model input: {_describe(samples)}; {usage}")
+
+
 def collate_fn(batch, pad_to: Optional[Tuple[int, int]] = None):
     """Images padded into one NestedTensor (to ``pad_to`` (H, W) when given), targets as a tuple."""
     images, targets = zip(*batch)
