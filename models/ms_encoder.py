@@ -108,14 +108,14 @@ class DWConvEncoderLayer(nn.Module):
         """maps, pos: per level (B, d, H_l, W_l), finest first; keep: (B, 1, H_l, W_l), 1 on valid cells, 0 on
         padding. Returns the new maps."""
         a = [conv(self.conv1(x + p) * k) for conv, x, p, k in zip(self.intra, maps, pos, keep)]
-        a = [x * k for x, k in zip(a, keep)]  # the cross-level convs read no padding either
+        a_valid = [x * k for x, k in zip(a, keep)]  # the cross-level convs read no padding either
         out = []
         for level, (x, a_l) in enumerate(zip(maps, a)):
             mix = a_l
-            if level > 0:
-                mix = mix + self.bottom_up(a[level - 1])  # stride 2: (B, d, ceil(H_{l-1} / 2), ...) = level l's size
+            if level > 0:  # stride 2: (B, d, ceil(H_{l-1} / 2), ceil(W_{l-1} / 2)), level l's size
+                mix = mix + self.bottom_up(a_valid[level - 1])
             if level + 1 < len(maps):
-                mix = mix + _upsample_to(self.top_down(a[level + 1]), a_l.shape[-2:])
+                mix = mix + _upsample_to(self.top_down(a_valid[level + 1]), a_l.shape[-2:])
             out.append(self._ffn(x + self.dropout1(self.conv2(mix))))
         return out
 
