@@ -30,6 +30,7 @@ MS_LEVELS = ("none", "16,32,64", "8,16,32,64")
 MS_ENCODERS = ("attn", "dwconv")
 SCALE_SELECTS = ("softmax", "none")
 MS_PRIORS = ("shared", "per_level")
+SYNTHETIC_PRESETS = ("default", "multiscale")  # datasets/synthetic.py PRESETS
 ENC_PATTERN_LAYERS = "IM"  # --enc_pattern letters: I intra-scale, M multi-scale
 # the multi-scale flags and their defaults; any other value needs --ms_levels
 MS_DEFAULTS = {"ms_encoder": "attn", "enc_pattern": "", "intra_share": 1, "level_embed": 1, "scale_select": "softmax",
@@ -246,6 +247,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic_seed", type=int, default=None,
                         help="seed that generates the synthetic set (default: --seed); fix it when runs differ "
                              "in --seed, so the seeds vary the training, not the data")
+    parser.add_argument("--synthetic_preset", default="default", choices=SYNTHETIC_PRESETS,
+                        help="multiscale: one large and 2-4 small objects per image, sizes spanning >= 16x "
+                             "(docs/multiscale-smca.md; use --synthetic_image_size 256)")
     parser.add_argument("--synthetic_format", default="coco", choices=("coco", "voc"),
                         help="layout the synthetic set is written in and read from")
     parser.add_argument("--skip_bad_images", action="store_true",
@@ -404,6 +408,9 @@ def _check_dataset_flags(args) -> None:
     if args.synthetic_format != "coco" and args.dataset_file != "synthetic":
         raise UserError(f"--synthetic_format {args.synthetic_format} needs --dataset_file synthetic "
                         f"(got {args.dataset_file})")
+    if args.synthetic_preset != "default" and (args.dataset_file != "synthetic" or args.masks):
+        raise UserError(f"--synthetic_preset {args.synthetic_preset} chooses the objects of the synthetic box set; "
+                        f"it needs --dataset_file synthetic without --masks")
     if args.masks and args.mosaic:
         raise UserError("--mosaic composes boxes only, not segment masks; drop it with --masks")
     if args.dataset_file == "synthetic" and args.masks:
