@@ -203,3 +203,20 @@ def test_checkpoint_round_trip_resume_load_detector_and_hub(tmp_path):
             got = other(images)
             torch.testing.assert_close(got["pred_logits"], expected["pred_logits"], rtol=0, atol=0)
             torch.testing.assert_close(got["pred_boxes"], expected["pred_boxes"], rtol=0, atol=0)
+
+
+def test_parameter_counts_match_the_spec_and_the_zips_log():
+    """R50, 300 queries, FFN 1024, type3, COCO's 91 ids (meta tensors: no memory). The spec estimates P at 39.43 M
+    (39.53 M per_level); Z with 6 encoder layers has exactly the n_parameters logged by the zip's 44.4 AP run."""
+    from models import build_detr
+
+    def trainable(**flags):
+        with torch.device("meta"):
+            model = build_detr(backbone="resnet50", num_queries=300, num_classes=91, dim_feedforward=1024,
+                               dynamic_scale="type3", **flags)
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    p = dict(ms_levels="16,32,64", enc_layers=5, enc_pattern="IIMII")
+    assert round(trainable(**p) / 1e6, 2) == 39.43
+    assert round(trainable(**p, ms_prior="per_level") / 1e6, 2) == 39.53
+    assert trainable(ms_levels="8,16,32,64", ms_encoder="dwconv", ms_prior="per_level", enc_layers=6) == 40_763_514
