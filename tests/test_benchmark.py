@@ -236,7 +236,7 @@ def test_invalid_variant_exits_2_from_the_command_line():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: --variants: unknown bogus; choose from "
-                                   + " ".join(benchmark_common.VARIANTS))
+                                   + " ".join(benchmark_model.MODEL_VARIANTS))
 
 
 @pytest.mark.parametrize("meter_class", [benchmark_common.CpuKernelPeakRss, benchmark_common.CpuSampledRss])
