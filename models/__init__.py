@@ -51,10 +51,13 @@ def build_detr(backbone: str = "resnet50", dilation: bool = False, num_classes: 
     class_bias_prior = FOCAL_PRIOR_PROB if focal else 0.0
     if multiscale:
         return build_multiscale_detr(
-            joiner, tuple(int(s) for s in ms_levels.split(",")), num_classes, num_queries, dynamic_scale, smooth,
-            head_mixture, query_mixture, hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout,
-            pre_norm, prior_impl, ms_encoder, enc_pattern, bool(intra_share), bool(level_embed), scale_select,
-            ms_prior, aux_loss, class_bias_prior)
+            joiner, strides=tuple(int(s) for s in ms_levels.split(",")), num_classes=num_classes,
+            num_queries=num_queries, dynamic_scale=dynamic_scale, smooth=smooth, head_mixture=head_mixture,
+            query_mixture=query_mixture, hidden_dim=hidden_dim, nheads=nheads, enc_layers=enc_layers,
+            dec_layers=dec_layers, dim_feedforward=dim_feedforward, dropout=dropout, pre_norm=pre_norm,
+            prior_impl=prior_impl, ms_encoder=ms_encoder, enc_pattern=enc_pattern, intra_share=bool(intra_share),
+            level_embed=bool(level_embed), scale_select=scale_select, ms_prior=ms_prior, aux_loss=aux_loss,
+            class_bias_prior=class_bias_prior)
     transformer = Transformer(d_model=hidden_dim, nhead=nheads, num_encoder_layers=enc_layers,
                               num_decoder_layers=dec_layers, dim_feedforward=dim_feedforward, dropout=dropout,
                               normalize_before=pre_norm, num_queries=num_queries, dynamic_scale=dynamic_scale,
