@@ -90,6 +90,8 @@ class Detector:
     def describe(self) -> str:
         c = self.config
         prior = "plain DETR" if c["dynamic_scale"] == "none" else f"SMCA {c['dynamic_scale']}"
+        if c.get("ms_levels", "none") != "none":
+            prior += f" multi-scale {c['ms_levels']}"
         return (f"{c['backbone']}{' DC5' if c['dilation'] else ''}, {prior}, {c['num_queries']} queries, "
                 f"{c['num_classes']} class ids, {c['cls_loss']} classifier, from {self.source}")
 

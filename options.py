@@ -25,6 +25,16 @@ from util.errors import UserError
 
 DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
 PRIOR_IMPLS = ("fused", "explicit")  # models/spatial_prior.py
+# multi-scale SMCA (docs/multiscale-smca.md): feature strides per --ms_levels value, plain tuples so --help stays light
+MS_LEVELS = ("none", "16,32,64", "8,16,32,64")
+MS_ENCODERS = ("attn", "dwconv")
+SCALE_SELECTS = ("softmax", "none")
+MS_PRIORS = ("shared", "per_level")
+SYNTHETIC_PRESETS = ("default", "multiscale")  # datasets/synthetic.py PRESETS
+ENC_PATTERN_LAYERS = "IM"  # --enc_pattern letters: I intra-scale, M multi-scale
+# the multi-scale flags and their defaults; any other value needs --ms_levels
+MS_DEFAULTS = {"ms_encoder": "attn", "enc_pattern": "", "intra_share": 1, "level_embed": 1, "scale_select": "softmax",
+               "ms_prior": "shared"}
 COCO_PATH_FLAGS = ("train_images", "train_ann", "val_images", "val_ann")
 # defaults that depend on the classification loss: (ce, focal); focal's are the research code's
 LOSS_DEFAULTS = {"ce": {"cls_loss_coef": 1.0, "set_cost_class": 1.0, "panoptic_threshold": PANOPTIC_THRESHOLDS["ce"]},
@@ -152,6 +162,26 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="fused: the prior as extra q/k dims of the co-attention (no (Q, H*W) tensor); "
                              "explicit: the prior G as an additive mask (reference)")
 
+    # multi-scale SMCA (docs/multiscale-smca.md)
+    arch("--ms_levels", default="none", choices=MS_LEVELS,
+         help="feature strides of the multi-scale model (16,32,64: the paper's P; 8,16,32,64: the official zip's Z); "
+              "none = the single-scale model")
+    arch("--ms_encoder", default=MS_DEFAULTS["ms_encoder"], choices=MS_ENCODERS,
+         help="attn: intra-/multi-scale self-attention layers (--enc_pattern); dwconv: Z's depthwise-conv layers")
+    arch("--enc_pattern", default=MS_DEFAULTS["enc_pattern"], type=str, metavar="[IM]+",
+         help="attn encoder: one letter per layer, I intra-scale, M multi-scale; its length must equal "
+              "--enc_layers (the paper: --enc_layers 5 --enc_pattern IIMII); default: all I")
+    arch("--intra_share", default=MS_DEFAULTS["intra_share"], type=int, choices=(0, 1),
+         help="1: an I layer applies one block to every level; 0: one block per level")
+    arch("--level_embed", default=MS_DEFAULTS["level_embed"], type=int, choices=(0, 1),
+         help="1: a learned embedding per level is added to its positions")
+    arch("--scale_select", default=MS_DEFAULTS["scale_select"], choices=SCALE_SELECTS,
+         help="softmax: one co-attention softmax per level, mixed by per-query weights softmax(Linear(u)); "
+              "none: one joint softmax over every level's keys")
+    arch("--ms_prior", default=MS_DEFAULTS["ms_prior"], choices=MS_PRIORS,
+         help="shared: one Gaussian per head in image space for every level (P); per_level: offsets and scales "
+              "per level, each in its own cells (Z)")
+
     # loss
     parser.add_argument("--no_aux_loss", action="store_true", help="loss on the last decoder layer only")
     arch("--cls_loss", default="auto", choices=("auto", "ce", "focal"),
@@ -217,6 +247,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic_seed", type=int, default=None,
                         help="seed that generates the synthetic set (default: --seed); fix it when runs differ "
                              "in --seed, so the seeds vary the training, not the data")
+    parser.add_argument("--synthetic_preset", default="default", choices=SYNTHETIC_PRESETS,
+                        help="multiscale: one large and 2-4 small objects per image, sizes spanning >= 16x "
+                             "(docs/multiscale-smca.md; use --synthetic_image_size 256)")
     parser.add_argument("--synthetic_format", default="coco", choices=("coco", "voc"),
                         help="layout the synthetic set is written in and read from")
     parser.add_argument("--skip_bad_images", action="store_true",
@@ -294,6 +327,7 @@ def check_args(args) -> None:
     if args.dilation and args.backbone in ("resnet18", "resnet34"):
         raise UserError(f"--dilation needs a bottleneck ResNet (resnet50 or resnet101); torchvision's "
                         f"{args.backbone} blocks do not support dilation")
+    _check_multiscale(args)
     if args.amp and not args.device.startswith("cuda"):
         raise UserError(f"--amp uses bf16 autocast on CUDA; --device is {args.device}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -314,6 +348,38 @@ def check_args(args) -> None:
     if args.resume and args.finetune_from:
         raise UserError("--resume and --finetune_from exclude each other: resume continues a run, "
                         "finetune_from starts a new one from another run's weights")
+
+
+def _check_multiscale(args) -> None:
+    """Refuse multi-scale flags that mean nothing for the chosen model (docs/multiscale-smca.md, "Refusals")."""
+    if args.ms_levels == "none":
+        for name, default in MS_DEFAULTS.items():
+            if getattr(args, name) != default:
+                raise UserError(f"--{name} {getattr(args, name)} configures multi-scale SMCA; it needs --ms_levels "
+                                f"{'|'.join(MS_LEVELS[1:])}")
+        return
+    refusals = (
+        (args.dynamic_scale == "none", "the multi-scale decoder is built on the spatial prior; pass --dynamic_scale "
+                                       "type1|type2|type3|type4"),
+        (args.dilation, "--dilation makes a single stride-16 map; multi-scale reads the undilated strides"),
+        (args.masks, "--masks is not supported with multi-scale (the mask head reads one memory map); drop one"),
+        (args.position_embedding != "sine", "the levels use the sine position encoding (a learned one has 50 rows, "
+                                            "fewer than the stride-8/16 maps); drop --position_embedding"),
+        (args.ms_encoder == "dwconv" and args.enc_pattern != "",
+         "--enc_pattern chooses attention layers; --ms_encoder dwconv has none (its depth is --enc_layers)"),
+        (args.ms_encoder == "dwconv" and args.intra_share != 1,
+         "--intra_share 0 unshares attention blocks; --ms_encoder dwconv has none"),
+        (args.ms_encoder == "dwconv" and args.pre_norm, "--pre_norm is not defined for --ms_encoder dwconv"),
+    )
+    for refused, message in refusals:
+        if refused:
+            raise UserError(f"--ms_levels {args.ms_levels}: {message}")
+    pattern = args.enc_pattern
+    if pattern and (set(pattern) - set(ENC_PATTERN_LAYERS) or len(pattern) != args.enc_layers):
+        raise UserError(f"--enc_pattern {pattern} must be {len(pattern)} letters of {ENC_PATTERN_LAYERS} and its length "
+                        f"is the encoder depth: pass --enc_layers {len(pattern)} (got {args.enc_layers})")
+    if args.intra_share != 1 and args.ms_encoder == "attn" and "I" not in (pattern or "I"):
+        raise UserError(f"--intra_share 0 unshares the I layers, but --enc_pattern {pattern} has none")
 
 
 def _check_dataset_flags(args) -> None:
@@ -342,6 +408,9 @@ def _check_dataset_flags(args) -> None:
     if args.synthetic_format != "coco" and args.dataset_file != "synthetic":
         raise UserError(f"--synthetic_format {args.synthetic_format} needs --dataset_file synthetic "
                         f"(got {args.dataset_file})")
+    if args.synthetic_preset != "default" and (args.dataset_file != "synthetic" or args.masks):
+        raise UserError(f"--synthetic_preset {args.synthetic_preset} chooses the objects of the synthetic box set; "
+                        f"it needs --dataset_file synthetic without --masks")
     if args.masks and args.mosaic:
         raise UserError("--mosaic composes boxes only, not segment masks; drop it with --masks")
     if args.dataset_file == "synthetic" and args.masks:
@@ -403,8 +472,13 @@ def ablation_summary(args) -> str:
     if args.masks:
         masks = ("; masks: mask head only, detector frozen from " + args.frozen_weights if args.frozen_weights
                  else "; masks: detector and mask head")
+    scales = ""
+    if args.ms_levels != "none":
+        encoder = f"pattern {args.enc_pattern or 'I' * args.enc_layers}" if args.ms_encoder == "attn" else "dwconv"
+        scales = (f"; multi-scale {args.ms_levels}: encoder {encoder}, intra_share {args.intra_share}, level_embed "
+                  f"{args.level_embed}, scale_select {args.scale_select}, ms_prior {args.ms_prior}")
     return (f"ablation: dynamic_scale {prior}; cls_loss {args.cls_loss} (coef {args.cls_loss_coef:g}, "
-            f"match cost {args.set_cost_class:g}); num_queries {args.num_queries}{masks}")
+            f"match cost {args.set_cost_class:g}); num_queries {args.num_queries}{masks}{scales}")
 
 
 _DEFINITIONS = get_args_parser()

@@ -181,6 +181,9 @@ def predict(args) -> List[dict]:
     else:
         detector = load_detector(args.resume, device=args.device, trust=args.trust_checkpoint)
     print(f"model: {detector.describe()}")
+    if args.attention and detector.config.get("ms_levels", "none") != "none":
+        raise UserError(f"--attention draws one feature map; {args.resume} is multi-scale "
+                        f"(--ms_levels {detector.config['ms_levels']}); drop --attention")
     if args.threshold is None:
         args.threshold = DEFAULT_THRESHOLDS[detector.cls_loss]
         print(f"--threshold {args.threshold} (the default for a {detector.cls_loss} classifier)")

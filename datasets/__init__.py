@@ -45,7 +45,8 @@ def _synthetic_root(args):
     )
     if args.dataset_file == "synthetic_panoptic":
         return synthetic_panoptic.ensure_synthetic_panoptic(**common), image_size
-    return ensure_synthetic(**common, fmt=_synthetic_format(args)), image_size
+    preset = getattr(args, "synthetic_preset", None) or "default"
+    return ensure_synthetic(**common, fmt=_synthetic_format(args), preset=preset), image_size
 
 
 def _check_supported(args) -> None:

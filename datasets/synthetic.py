@@ -16,6 +16,11 @@ one distinct colour, 1-3 non-overlapping objects of 20-50% of the image side
 on a plain, mildly noisy grey background. Reading goes through the ordinary
 ``CocoDetection`` loader and ``CocoEvaluator``.
 
+``preset="multiscale"`` (main.py: ``--synthetic_preset multiscale``, docs/multiscale-smca.md) is a set where scale
+matters: every image holds one large object (50-70% of the side) and 2-4 small squares-bounded shapes (2-3% of
+the side), so sizes span at least 16x in every image. It needs images of at least 64 px (256 px draws the small
+objects at 5-8 px) and is cached under its own name.
+
 Generation happens on first use into a private temporary folder that is then
 renamed into place; a rename is atomic, so a half-written folder is never
 visible, an interrupted run is simply redone, and ranks racing to generate
@@ -60,8 +65,18 @@ _SPLIT_KEYS = {"train": 0, "val": 1}
 _STALE_TMP_SECONDS = 3600
 
 
-def dataset_name(seed: int, train_size: int, val_size: int, image_size: int) -> str:
-    return f"shapes-v{FORMAT_VERSION}-seed{seed}-train{train_size}-val{val_size}-px{image_size}"
+# --synthetic_preset multiscale: side fractions of the one large and the 2-4 small objects of every image;
+# LARGE_SIDE[0] / SMALL_SIDE[1] >= MIN_SIZE_SPAN (after rounding to pixels too, from MIN_MULTISCALE_IMAGE_SIZE on)
+LARGE_SIDE, SMALL_SIDE = (0.5, 0.7), (0.02, 0.03)
+SMALL_OBJECTS = (2, 4)
+MIN_SIZE_SPAN = 16
+MIN_MULTISCALE_IMAGE_SIZE = 64
+PRESETS = ("default", "multiscale")
+
+
+def dataset_name(seed: int, train_size: int, val_size: int, image_size: int, preset: str = "default") -> str:
+    name = f"shapes-v{FORMAT_VERSION}-seed{seed}-train{train_size}-val{val_size}-px{image_size}"
+    return name if preset == "default" else f"{name}-{preset}"
 
 
 def _boxes_overlap(a, b) -> bool:
@@ -111,7 +126,38 @@ def sample_objects(rng: np.random.Generator, image_size: int):
     return objects
 
 
-def render_image(rng: np.random.Generator, image_size: int):
+def _place(rng: np.random.Generator, image_size: int, objects: list, side: int, tries: int = 50):
+    """A random free square box [x, y, side, side] for ``objects``, or None after ``tries`` draws."""
+    for _try in range(tries):
+        box = [int(rng.integers(0, image_size - side + 1)), int(rng.integers(0, image_size - side + 1)), side, side]
+        if not any(_boxes_overlap(box, o[2]) for o in objects):
+            return box
+    return None
+
+
+def sample_objects_multiscale(rng: np.random.Generator, image_size: int):
+    """The multiscale preset: one large shape, then 2-4 small ones on free spots (a small one that finds none in
+    50 draws is skipped, but never the first: the image's span of sizes is the preset's point). Same tuples as
+    ``sample_objects``."""
+    s = image_size
+    sides = [int(round(rng.uniform(*LARGE_SIDE) * s))]
+    sides += [max(2, int(round(rng.uniform(*SMALL_SIDE) * s)))
+              for _ in range(int(rng.integers(SMALL_OBJECTS[0], SMALL_OBJECTS[1] + 1)))]
+    objects = []
+    for index, side in enumerate(sides):
+        box = _place(rng, s, objects, side, tries=50 if index > 1 else 10_000)
+        if box is None:
+            continue
+        cat_id, name, color = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+        jitter = rng.integers(-20, 21, size=3)
+        objects.append((cat_id, name, box, tuple(int(c) for c in np.clip(np.array(color) + jitter, 0, 255))))
+    return objects
+
+
+SAMPLERS = {"default": sample_objects, "multiscale": sample_objects_multiscale}
+
+
+def render_image(rng: np.random.Generator, image_size: int, preset: str = "default"):
     """One image and its objects as (category_id, [x, y, w, h], area)."""
     s = image_size
     base = rng.uniform(100, 160) + rng.uniform(-15, 15, size=3)
@@ -119,20 +165,20 @@ def render_image(rng: np.random.Generator, image_size: int):
     img = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
     objects = []
-    for cat_id, name, box, fill in sample_objects(rng, s):
+    for cat_id, name, box, fill in SAMPLERS[preset](rng, s):
         _draw_shape(draw, name, *box, fill)
         objects.append((cat_id, box, float(box[2] * box[3] * _FILL[name])))
     return img, objects
 
 
-def _write_split(out: Path, split: str, num_images: int, seed: int, image_size: int) -> None:
+def _write_split(out: Path, split: str, num_images: int, seed: int, image_size: int, preset: str) -> None:
     img_dir = out / f"{split}2017"
     img_dir.mkdir(parents=True)
     images, annotations = [], []
     for i in range(num_images):
         # One generator per image: image i never depends on how many came before.
         rng = np.random.default_rng([seed, _SPLIT_KEYS[split], i])
-        img, objects = render_image(rng, image_size)
+        img, objects = render_image(rng, image_size, preset)
         image_id = i + 1
         file_name = f"{image_id:06d}.jpg"
         buf = io.BytesIO()
@@ -174,14 +220,14 @@ def _voc_xml(file_name: str, image_size: int, objects) -> bytes:
     return ET.tostring(root, encoding="utf-8") + b"\n"
 
 
-def _write_split_voc(out: Path, split: str, num_images: int, seed: int, image_size: int) -> None:
+def _write_split_voc(out: Path, split: str, num_images: int, seed: int, image_size: int, preset: str) -> None:
     year_dir = out / f"VOC{VOC_YEAR}"
     for folder in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (year_dir / folder).mkdir(parents=True, exist_ok=True)
     stems = []
     for i in range(num_images):
         rng = np.random.default_rng([seed, _SPLIT_KEYS[split], i])  # as the COCO layout: the same images
-        img, objects = render_image(rng, image_size)
+        img, objects = render_image(rng, image_size, preset)
         stem = f"{split}{i + 1:06d}"  # both splits share JPEGImages/
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
@@ -206,18 +252,23 @@ def _remove_stale_tmp(root: Path, name: str) -> None:
 
 def ensure_synthetic(root=DEFAULT_ROOT, seed: int = 42, train_size: int = DEFAULT_TRAIN_SIZE,
                      val_size: int = DEFAULT_VAL_SIZE, image_size: int = DEFAULT_IMAGE_SIZE,
-                     fmt: str = "coco") -> Path:
-    """Path of the generated dataset in layout ``fmt`` ('coco' or 'voc'), generating it first if it is not
-    there."""
+                     fmt: str = "coco", preset: str = "default") -> Path:
+    """Path of the generated dataset in layout ``fmt`` ('coco' or 'voc') and ``preset`` (PRESETS), generating it
+    first if it is not there."""
     if fmt not in _WRITERS:
         raise ValueError(f"unknown synthetic format {fmt!r}; expected one of {sorted(_WRITERS)}")
+    if preset not in SAMPLERS:
+        raise ValueError(f"unknown synthetic preset {preset!r}; expected one of {PRESETS}")
     check_sizes(train_size, val_size, image_size)
+    if preset == "multiscale" and image_size < MIN_MULTISCALE_IMAGE_SIZE:
+        raise UserError(f"--synthetic_preset multiscale needs --synthetic_image_size >= {MIN_MULTISCALE_IMAGE_SIZE} "
+                        f"(its small objects are 2-3% of the side), got {image_size}")
 
     def write(tmp: Path) -> None:
-        _WRITERS[fmt](tmp, "train", train_size, seed, image_size)
-        _WRITERS[fmt](tmp, "val", val_size, seed, image_size)
+        _WRITERS[fmt](tmp, "train", train_size, seed, image_size, preset)
+        _WRITERS[fmt](tmp, "val", val_size, seed, image_size, preset)
 
-    name = dataset_name(seed, train_size, val_size, image_size) + ("-voc" if fmt == "voc" else "")
+    name = dataset_name(seed, train_size, val_size, image_size, preset) + ("-voc" if fmt == "voc" else "")
     return generate_once(root, name, write)
 
 

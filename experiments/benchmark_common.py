@@ -40,6 +40,14 @@ VARIANTS: Dict[str, List[str]] = {
     "type2+query_mixture": ["--dynamic_scale", "type2", "--query_mixture"],
     "type2+both": ["--dynamic_scale", "type2", "--head_mixture", "--query_mixture"],
 }
+# multi-scale SMCA (docs/multiscale-smca.md), whole models only (``model`` mode): the paper's P (IIMII) and the
+# official zip's Z, with type2 scales as the single-scale variant they are compared with
+MULTISCALE_VARIANTS: Dict[str, List[str]] = {
+    "ms_P_IIMII": ["--dynamic_scale", "type2", "--ms_levels", "16,32,64", "--enc_layers", "5", "--enc_pattern", "IIMII",
+                   "--dim_feedforward", "1024"],
+    "ms_Z": ["--dynamic_scale", "type2", "--ms_levels", "8,16,32,64", "--ms_encoder", "dwconv", "--ms_prior",
+             "per_level", "--dim_feedforward", "1024"],
+}
 BASELINE = "none"  # plain DETR: every ratio divides by it
 NO_ROUTE = "-"  # the --prior_impl column of DETR, which has no prior
 # DETR's training resize: shorter side S, longer side at most 1333 (COCO images are about 800x1333 after it)

@@ -47,8 +47,9 @@ import torch
 
 import main as detr_main
 from datasets import COCO_NUM_CLASSES
-from experiments.benchmark_common import (BASELINE, MIB, NO_ROUTE, VARIANTS, Timing, autocast, environment,
-                                          fmt_ratio, image_shape, memory_meter, peak_memory, ratio, time_calls)
+from experiments.benchmark_common import (BASELINE, MIB, MULTISCALE_VARIANTS, NO_ROUTE, VARIANTS, Timing, autocast,
+                                          environment, fmt_ratio, image_shape, memory_meter, peak_memory, ratio,
+                                          time_calls)
 from models import build_model
 from options import PRIOR_IMPLS
 from util.errors import UserError
@@ -57,6 +58,7 @@ from util.misc import nested_tensor_from_tensor_list
 # flags the benchmark sets itself; passing them after -- would silently lose or fight the grid
 RESERVED_FLAGS = ("--num_queries", "--dynamic_scale", "--head_mixture", "--query_mixture", "--prior_impl",
                   "--batch_size", "--device", "--amp")
+MODEL_VARIANTS = {**VARIANTS, **MULTISCALE_VARIANTS}
 BOXES_PER_IMAGE = (3, 6)  # inclusive range of random boxes per synthetic image
 BATCH_SEED = 0
 MODEL_SEED = 0
@@ -219,7 +221,7 @@ def _parse_model_flags(argv: List[str]) -> argparse.Namespace:
 
 def variant_args(config: Config, variant: str, queries: int, route: str = NO_ROUTE) -> argparse.Namespace:
     """Resolved main.py args for one grid cell; bad combinations raise UserError from main.resolve_args."""
-    argv = (["--num_classes", str(COCO_NUM_CLASSES)] + config.model_flags + VARIANTS[variant]
+    argv = (["--num_classes", str(COCO_NUM_CLASSES)] + config.model_flags + MODEL_VARIANTS[variant]
             + ["--num_queries", str(queries), "--batch_size", str(config.batch_size), "--device", config.device]
             + ([] if route == NO_ROUTE else ["--prior_impl", route]) + (["--amp"] if config.amp else []))
     args = _parse_model_flags(argv)
@@ -228,9 +230,9 @@ def variant_args(config: Config, variant: str, queries: int, route: str = NO_ROU
 
 
 def check_config(config: Config) -> None:
-    unknown = [v for v in config.variants if v not in VARIANTS]
+    unknown = [v for v in config.variants if v not in MODEL_VARIANTS]
     if unknown:
-        raise UserError(f"--variants: unknown {', '.join(unknown)}; choose from {' '.join(VARIANTS)}")
+        raise UserError(f"--variants: unknown {', '.join(unknown)}; choose from {' '.join(MODEL_VARIANTS)}")
     if len(set(config.variants)) != len(config.variants) or len(set(config.routes)) != len(config.routes):
         raise UserError("--variants / --routes: a name is given twice")
     bad_routes = [r for r in config.routes if r not in PRIOR_IMPLS]
@@ -392,7 +394,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Time and memory of a DETR/SMCA training step and inference on a synthetic batch. "
                     "main.py model flags go after '--'.", allow_abbrev=False)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="NAME",
-                        help=f"any of: {' '.join(VARIANTS)} (default: all)")
+                        help=f"any of: {' '.join(MODEL_VARIANTS)} (default: all single-scale ones)")
     parser.add_argument("--routes", nargs="+", default=list(PRIOR_IMPLS), metavar="ROUTE",
                         help=f"--prior_impl values to measure every SMCA variant with: {' '.join(PRIOR_IMPLS)} "
                              f"(default: both)")

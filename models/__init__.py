@@ -8,6 +8,7 @@ from models.backbone import Backbone, Joiner
 from models.criterion import build_criterion
 from models.detr import DETR
 from models.matcher import build_matcher
+from models.ms_detr import build_multiscale_detr
 from models.position_encoding import build_position_encoding
 from models.postprocess import build_postprocessor, build_postprocessors  # noqa: F401 (build_postprocessor: API)
 from models.postprocess_segm import PostProcessPanoptic, PostProcessSegm
@@ -25,7 +26,9 @@ def build_detr(backbone: str = "resnet50", dilation: bool = False, num_classes: 
                enc_layers: int = 6, dec_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
                pre_norm: bool = False, position_embedding: str = "sine", backbone_norm: str = "frozen",
                backbone_weights: str = "none", train_backbone: bool = True, aux_loss: bool = True,
-               prior_impl: str = "fused", masks: bool = False, freeze_detector: bool = False) -> nn.Module:
+               prior_impl: str = "fused", masks: bool = False, freeze_detector: bool = False,
+               ms_levels: str = "none", ms_encoder: str = "attn", enc_pattern: str = "", intra_share: bool = True,
+               level_embed: bool = True, scale_select: str = "softmax", ms_prior: str = "shared") -> nn.Module:
     """DETR, or SMCA-DETR with ``dynamic_scale`` type1-4; the defaults are DETR's (R50, 100 queries, COCO's 91 ids).
 
     The arguments mean what main.py's flags of the same names mean (options.py; the SMCA ones are specified in
@@ -36,19 +39,32 @@ def build_detr(backbone: str = "resnet50", dilation: bool = False, num_classes: 
     co-attention adds the prior, 'fused' or 'explicit' (same logits, same weights; models/spatial_prior.py).
     ``masks``: DETR's segmentation model (DETRsegm: the detector under ``detr.`` and the mask head, fed by
     layer1-4); ``freeze_detector`` then trains the mask head alone (main.py: ``--frozen_weights``).
+    ``ms_levels`` ('none' or strides like '16,32,64') and the ``ms_*``, ``enc_pattern``, ``intra_share``,
+    ``level_embed``, ``scale_select`` arguments: multi-scale SMCA (docs/multiscale-smca.md, models/ms_detr.py).
     """
     # the position encoding first: a learned one draws from the generator before the ResNet, as before
     position = build_position_encoding(position_embedding, hidden_dim)
+    multiscale = ms_levels != "none"
     joiner = Joiner(Backbone(backbone, train_backbone, dilation, backbone_weights, norm=backbone_norm,
-                             return_interm_layers=masks), position)
+                             return_interm_layers=masks or multiscale), position)
+    focal = resolve_cls_loss(cls_loss, dynamic_scale) == "focal"
+    class_bias_prior = FOCAL_PRIOR_PROB if focal else 0.0
+    if multiscale:
+        return build_multiscale_detr(
+            joiner, strides=tuple(int(s) for s in ms_levels.split(",")), num_classes=num_classes,
+            num_queries=num_queries, dynamic_scale=dynamic_scale, smooth=smooth, head_mixture=head_mixture,
+            query_mixture=query_mixture, hidden_dim=hidden_dim, nheads=nheads, enc_layers=enc_layers,
+            dec_layers=dec_layers, dim_feedforward=dim_feedforward, dropout=dropout, pre_norm=pre_norm,
+            prior_impl=prior_impl, ms_encoder=ms_encoder, enc_pattern=enc_pattern, intra_share=bool(intra_share),
+            level_embed=bool(level_embed), scale_select=scale_select, ms_prior=ms_prior, aux_loss=aux_loss,
+            class_bias_prior=class_bias_prior)
     transformer = Transformer(d_model=hidden_dim, nhead=nheads, num_encoder_layers=enc_layers,
                               num_decoder_layers=dec_layers, dim_feedforward=dim_feedforward, dropout=dropout,
                               normalize_before=pre_norm, num_queries=num_queries, dynamic_scale=dynamic_scale,
                               smooth=smooth, head_mixture=head_mixture, query_mixture=query_mixture,
                               prior_impl=prior_impl)
-    focal = resolve_cls_loss(cls_loss, dynamic_scale) == "focal"
     detr = DETR(joiner, transformer, num_classes=num_classes, num_queries=num_queries, aux_loss=aux_loss,
-                class_bias_prior=FOCAL_PRIOR_PROB if focal else 0.0)
+                class_bias_prior=class_bias_prior)
     return DETRsegm(detr, freeze_detr=freeze_detector) if masks else detr
 
 
@@ -64,7 +80,8 @@ def resolve_cls_loss(cls_loss: str, dynamic_scale: str) -> str:
 # main.py's flags that build_detr takes under the same name
 DETR_FLAGS = ("backbone", "dilation", "num_classes", "num_queries", "dynamic_scale", "smooth", "head_mixture",
               "query_mixture", "cls_loss", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward",
-              "dropout", "pre_norm", "position_embedding", "backbone_norm", "prior_impl", "masks")
+              "dropout", "pre_norm", "position_embedding", "backbone_norm", "prior_impl", "masks", "ms_levels",
+              "ms_encoder", "enc_pattern", "intra_share", "level_embed", "scale_select", "ms_prior")
 
 
 def detr_kwargs(flags: Mapping) -> dict:

@@ -100,14 +100,17 @@ class ModulatedCrossAttention(nn.Module):
         q = self._heads(query, w_q, b_q)  # (B, nhead, Q, d_h)
         k = self._heads(key, w_k, b_k)  # (B, nhead, S, d_h)
         v = self._heads(value, w_v, b_v)
-        dropout_p = self.dropout if self.training else 0.0
-        if isinstance(attn_bias, FactoredPrior):
-            out = self._fused(q, k, v, key_padding_mask, attn_bias, dropout_p)
-        else:
-            mask = self._logit_mask(key_padding_mask, attn_bias, q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        out = self._attend(q, k, v, key_padding_mask, attn_bias, self.dropout if self.training else 0.0)
         out = out.permute(2, 0, 1, 3).flatten(2)  # (Q, B, d)
         return self.out_proj(out)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, attn_bias: Optional[Prior],
+                dropout_p: float) -> Tensor:
+        """Projected heads q (B, nhead, Q, d_h), k/v (B, nhead, S, d_h) -> (B, nhead, Q, d_h) by the prior's route."""
+        if isinstance(attn_bias, FactoredPrior):
+            return self._fused(q, k, v, key_padding_mask, attn_bias, dropout_p)
+        mask = self._logit_mask(key_padding_mask, attn_bias, q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
     def logits(self, query: Tensor, key: Tensor, key_padding_mask: Tensor,
                attn_bias: Optional[Prior] = None) -> Tensor:

@@ -16,10 +16,12 @@ class DETR(nn.Module):
     ``backbone``, ``transformer``), so official checkpoints load with ``strict=True`` for default flags."""
 
     def __init__(self, backbone: Joiner, transformer: Transformer, num_classes: int, num_queries: int,
-                 aux_loss: bool = True, class_bias_prior: float = 0.0):
+                 aux_loss: bool = True, class_bias_prior: float = 0.0, input_proj: nn.Module = None):
         """num_classes: the largest class id + 1 (DETR's convention); the classifier has num_classes + 1
         outputs, the last being "no object". class_bias_prior > 0 sets the classifier bias to
-        -log((1 - prior) / prior) (the focal-loss initialisation); 0 keeps PyTorch's default."""
+        -log((1 - prior) / prior) (the focal-loss initialisation); 0 keeps PyTorch's default. input_proj: the
+        projection of the backbone's features (default: DETR's 1x1 conv of the last map; multi-scale passes one
+        per level, models/ms_detr.py)."""
         super().__init__()
         hidden_dim = transformer.d_model
         self.num_queries = num_queries
@@ -27,7 +29,9 @@ class DETR(nn.Module):
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
-        self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
+        if input_proj is None:
+            input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
+        self.input_proj = input_proj
         self.backbone = backbone
         self.input_channels = backbone.in_channels
         self.aux_loss = aux_loss
@@ -53,13 +57,18 @@ class DETR(nn.Module):
         src = self.input_proj(src)  # (B, d, Hf, Wf)
         extent = image_extent(samples.mask, self.backbone.stride)  # (B, 2) feature cells
         hs, box_reference, memory = self.transformer(src, mask, self.query_embed.weight, pos[-1], extent)
+        return self.predictions(hs, box_reference), {"features": features, "src": src, "mask": mask, "hs": hs,
+                                                     "memory": memory}
+
+    def predictions(self, hs: Tensor, box_reference: Tensor) -> Dict:
+        """The heads on every decoder layer's output hs (L, B, Q, d): ``forward``'s dictionary."""
         outputs_class = self.class_embed(hs)  # (L, B, Q, C + 1)
         outputs_coord = (self.bbox_embed(hs) + box_reference).sigmoid()  # (L, B, Q, 4)
         out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
                                   for a, b in zip(outputs_class[:-1], outputs_coord[:-1])]
-        return out, {"features": features, "src": src, "mask": mask, "hs": hs, "memory": memory}
+        return out
 
     @torch.no_grad()
     def smca_diagnostics(self, samples: NestedTensor) -> Dict[str, Tensor]:

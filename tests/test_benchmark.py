@@ -235,7 +235,7 @@ def test_invalid_variant_exits_2_from_the_command_line():
     proc = run_script("experiments.benchmark", ["--variants", "bogus"])
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: --variants: unknown bogus; choose from "
-                                   + " ".join(benchmark_common.VARIANTS))
+                                   + " ".join(benchmark_model.MODEL_VARIANTS))
 
 
 @pytest.mark.parametrize("meter_class", [benchmark_common.CpuKernelPeakRss, benchmark_common.CpuSampledRss])
