@@ -228,6 +228,8 @@ def main(args, explicit=frozenset()):
 def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
     device = torch.device(args.device)
     datasets.check_paths(args, ("val",) if args.eval else ("train", "val"))
+    # every annotation file the run reads, before any model or checkpoint is loaded (docs/data-checks.md)
+    datasets.check_data(args, ("val",) if args.eval else ("train", "val"))
     resume_path = _resume_path(args)
     checkpoint = ckpt.load_checkpoint(resume_path, trust=args.trust_checkpoint) if resume_path else None
     if args.eval and checkpoint is None and not args.finetune_from and not args.eval_untrained:
@@ -293,6 +295,9 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
                       stuff_ids=None if stuff_ids is None else sorted(stuff_ids))
     if checkpoint is not None and "optimizer" in checkpoint and "lr_scheduler" in checkpoint:
         trainer.restore(checkpoint, resume_path, explicit)
+    elif checkpoint is not None:
+        print(f"loaded weights only: epoch {trainer.start_epoch}, fresh optimizer and schedule "
+              f"({resume_path} holds no optimizer state)")
     dataset_train = datasets.build_dataset("train", args)
     datasets.check_split(dataset_train, "train")
     loaders = _loaders(args, dataset_train, dataset_val)
@@ -300,6 +305,8 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
                                       collate_fn=_collate(args))))[0]
     # every input is checked: from here on the run writes (and --overwrite deletes the previous run)
     if trainer.writes:
+        # AdamW keeps two tensors per parameter (exp_avg, exp_avg_sq)
+        ckpt.check_free_space(folder.path, ckpt.checkpoint_bytes(model_without_ddp, optimizer_states=2))
         folder.prepare()
         ckpt.atomic_write_text(folder.path / "config.json", json.dumps(config, indent=1, sort_keys=True),
                                what="config.json")
@@ -422,7 +429,8 @@ def cli(argv=None) -> int:
     try:
         main(args, run_config.explicit_flags(parser, argv))
     except UserError as exc:
-        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+        # one line per finding (the annotation check can report several)
+        print("\n".join(f"error: {line}" for line in _one_line(str(exc)).splitlines()), file=sys.stderr)
         return 2
     finally:
         dist.cleanup()

@@ -1,0 +1,405 @@
+"""One validation pass over the annotation files a run reads (docs/data-checks.md), and its command:
+
+    python -m datasets.check FILE [--images DIR] [--masks] [--pngs DIR]
+
+Every inconsistency is one finding: one line naming the file, the offending ids and what to do. A finding is
+either an error (the run stops before training) or a repair that cannot change what is measured, applied to
+the one parsed copy that both training and evaluation read, and said once with a count. Nothing is dropped
+without a line. The module imports neither torch nor pycocotools, so the command starts in a fraction of a
+second; datasets/coco.py applies ``check_coco`` to every COCO-format file it parses.
+"""
+import argparse
+import json
+import math
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from util.errors import UserError
+
+_SHOWN = 5  # offending ids shown per finding
+
+# check key -> what the command's summary calls it, in the order it prints them
+CHECKS = {
+    "image_ids": "image ids unique",
+    "image_sizes": "image width/height positive",
+    "file_names": "image file names unique",
+    "image_files": "image files exist",
+    "opened_sizes": "declared sizes match the images",
+    "category_ids": "category ids unique",
+    "annotation_ids": "annotation ids unique",
+    "annotation_images": "annotations name a listed image",
+    "annotation_categories": "annotations name a listed category",
+    "boxes": "boxes finite",
+    "degenerate_boxes": "boxes w > 0 and h > 0 after clipping",
+    "iscrowd": "iscrowd in {0, 1}",
+    "areas": "areas present",
+    "segmentations": "segmentation present (--masks)",
+    "panoptic_annotations": "one panoptic annotation per image",
+    "panoptic_pngs": "panoptic PNGs unique and present",
+    "segment_ids": "segment ids unique per image",
+}
+
+
+@dataclass
+class Finding:
+    check: str  # a key of CHECKS
+    file: str
+    what: str  # e.g. "image ids listed more than once"
+    ids: list  # the offending ids (or names), in file order
+    fix: str  # what to do (errors), or what was done (repairs)
+    error: bool = True
+
+    def line(self) -> str:
+        return f"{self.file}: {len(self.ids)} {self.what} ({_few(self.ids)}); {self.fix}"
+
+
+def _few(ids) -> str:
+    shown = ", ".join(str(i) for i in ids[:_SHOWN])
+    return shown if len(ids) <= _SHOWN else f"{shown}, ... ({len(ids) - _SHOWN} more)"
+
+
+def _repeated(values) -> list:
+    """The values that occur more than once, each once, in order of first occurrence."""
+    counts = Counter(values)
+    return list(dict.fromkeys(v for v in values if counts[v] > 1))
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _image_findings(images: list, file: str) -> list:
+    """Ids, declared sizes and file names of an 'images' list (COCO and COCO panoptic alike)."""
+    found = []
+    ids = [image.get("id") for image in images]
+    if None in ids:
+        found.append(Finding("image_ids", file, "images without an 'id'",
+                             [f"images[{k}]" for k, i in enumerate(ids) if i is None], "give every image an id"))
+    duplicated = _repeated([i for i in ids if i is not None])
+    if duplicated:
+        found.append(Finding("image_ids", file, "image ids listed more than once", duplicated,
+                             "give each image its own id (an id must name one file and its boxes)"))
+    bad_size = [image.get("id") for image in images
+                if not (_positive_number(image.get("width")) and _positive_number(image.get("height")))]
+    if bad_size:
+        found.append(Finding("image_sizes", file, "images without a positive width and height", bad_size,
+                             "set 'width' and 'height' to the image's size in pixels"))
+    names = [image.get("file_name") for image in images]
+    duplicated = _repeated([n for n in names if n is not None])
+    if duplicated or None in names:
+        shown = [f"{n} (images {', '.join(str(image.get('id')) for image in images if image.get('file_name') == n)})"
+                 for n in duplicated] + [f"image {image.get('id')} has none" for image in images
+                                         if image.get("file_name") is None]
+        found.append(Finding("file_names", file, "file names listed more than once or missing", shown,
+                             "give each image entry its own file (one image listed twice is trained twice)"))
+    return found
+
+
+def image_file_findings(images: list, folder, file: str, open_images: bool = False) -> list:
+    """Every image's file exists under ``folder`` (existence only); with ``open_images`` each header is also read
+    and its size compared with the declared width/height."""
+    folder = Path(folder)
+    missing, mismatched = [], []
+    for image in images:
+        name = image.get("file_name")
+        if name is None:
+            continue
+        path = folder / name
+        if not path.is_file():
+            missing.append(f"{image.get('id')}: {path}")
+        elif open_images:
+            from PIL import Image, UnidentifiedImageError  # only the command opens images
+            try:
+                with Image.open(path) as im:
+                    size = im.size
+            except (OSError, UnidentifiedImageError) as e:
+                mismatched.append(f"{image.get('id')}: {path} unreadable ({e})")
+                continue
+            if size != (image.get("width"), image.get("height")):
+                mismatched.append(f"{image.get('id')}: {path} is {size[0]}x{size[1]}, declared "
+                                  f"{image.get('width')}x{image.get('height')}")
+    found = []
+    if missing:
+        found.append(Finding("image_files", file, "image files not found", missing,
+                             f"restore them under {folder} or remove their entries (and annotations)"))
+    if mismatched:
+        found.append(Finding("opened_sizes", file, "images whose size differs from the declared width/height",
+                             mismatched, "correct 'width'/'height' (boxes are in the stored image's pixels)"))
+    return found
+
+
+def _category_findings(categories: list, file: str) -> tuple:
+    ids = [c.get("id") for c in categories]
+    duplicated = _repeated(ids)
+    found = [Finding("category_ids", file, "category ids listed more than once", duplicated,
+                     "give each category its own id (an id must name one class)")] if duplicated else []
+    return found, set(ids)
+
+
+def _clip(boxes: np.ndarray, sizes: np.ndarray) -> tuple:
+    """(N, 4) xywh and (N, 2) image (w, h) -> (N, 4) xyxy clipped to the image, (N,) keep: float32 in the
+    loader's order (x2 = x + w, clamp at 0, then at the image size): the box is kept here exactly when the loader
+    (datasets/coco.py, DETR's rule) keeps it."""
+    xyxy = boxes.astype(np.float32)
+    xyxy[:, 2:] += xyxy[:, :2]
+    limits = np.tile(sizes.astype(np.float32), (1, 2))
+    xyxy = np.minimum(np.maximum(xyxy, np.float32(0)), limits)
+    keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+    return xyxy, keep
+
+
+def _valid_box(box) -> bool:
+    return (isinstance(box, (list, tuple)) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box))
+
+
+def _label(ann) -> str:
+    """How a finding names an annotation: its id, or the VOC file it was converted from."""
+    return str(ann["voc_xml"]) if "voc_xml" in ann else str(ann.get("id"))
+
+
+def check_coco(data: dict, file: str) -> list:
+    """Check a COCO instances file's content and repair, in place, what can be repaired without changing what is
+    measured (the rules: docs/data-checks.md). Returns the findings; repairs have ``error=False``."""
+    file = str(file)
+    images, annotations = data["images"], data.setdefault("annotations", [])
+    found = _image_findings(images, file)
+    cat_found, categories = _category_findings(data.setdefault("categories", []), file)
+    found += cat_found
+    sizes = {image.get("id"): (image.get("width"), image.get("height")) for image in images
+             if _positive_number(image.get("width")) and _positive_number(image.get("height"))}
+
+    image_ids = {image.get("id") for image in images}
+    orphans = [_label(a) for a in annotations if a.get("image_id") not in image_ids]
+    if orphans:
+        found.append(Finding("annotation_images", file, "annotations whose image_id is not in 'images'", orphans,
+                             "add the images or remove the annotations"))
+    unknown = defaultdict(list)
+    for a in annotations:
+        if a.get("category_id") not in categories:
+            unknown[a.get("category_id")].append(_label(a))
+    if unknown:
+        shown = [f"category {c}: annotations {_few(labels)}" for c, labels in unknown.items()]
+        found.append(Finding("annotation_categories", file, "category ids used by annotations but not in "
+                             "'categories'", shown, "add them to 'categories' (with a name) or remove those "
+                             "annotations; a class missing there is trained but never evaluated"))
+    bad_crowd = [_label(a) for a in annotations if "iscrowd" in a and a["iscrowd"] not in (0, 1)]
+    if bad_crowd:
+        found.append(Finding("iscrowd", file, "annotations with iscrowd other than 0 or 1", bad_crowd,
+                             "set iscrowd to 1 for crowd regions (ignored by the evaluation) and 0 otherwise"))
+    bad_box = [_label(a) for a in annotations if not _valid_box(a.get("bbox"))]
+    if bad_box:
+        found.append(Finding("boxes", file, "annotations without a finite bbox [x, y, w, h]", bad_box,
+                             "write four finite numbers or remove the annotations"))
+    return found + _repair(data, file, sizes)
+
+
+def _repair(data: dict, file: str, sizes: dict) -> list:
+    found = []
+    annotations = data["annotations"]
+    ids = [a.get("id") for a in annotations]
+    counts = Counter(ids)
+    taken = {i for i in ids if isinstance(i, int) and not isinstance(i, bool)}
+    renumbered, seen, next_id = [], set(), max(taken, default=0) + 1
+    for a in annotations:
+        if a.get("id") is None or (counts[a["id"]] > 1 and a["id"] in seen):
+            renumbered.append(f"{a.get('id')} -> {next_id}")
+            a["id"] = next_id
+            next_id += 1
+        seen.add(a["id"])
+    if renumbered:
+        found.append(Finding("annotation_ids", file, "annotation ids repeated or missing, renumbered", renumbered,
+                             "repaired for training and evaluation alike (evaluation looks annotations up by "
+                             "id); give every annotation its own id to silence this", error=False))
+    no_crowd = [_label(a) for a in annotations if "iscrowd" not in a]
+    for a in annotations:
+        a.setdefault("iscrowd", 0)
+    if no_crowd:
+        found.append(Finding("iscrowd", file, "annotations without iscrowd, set to 0", no_crowd,
+                             "repaired for training and evaluation alike (COCO's default)", error=False))
+    # a box that is an error itself (not finite, or on an image without a size) is left to its error line
+    sound = [a for a in annotations if _valid_box(a.get("bbox")) and a.get("image_id") in sizes]
+    if sound:
+        boxes = np.array([a["bbox"] for a in sound], dtype=np.float64).reshape(-1, 4)
+        _, keep = _clip(boxes, np.array([sizes[a["image_id"]] for a in sound], dtype=np.float64))
+        dropped = {id(a) for a, k in zip(sound, keep) if not k}
+        if dropped:
+            data["annotations"] = annotations = [a for a in annotations if id(a) not in dropped]
+            found.append(Finding("degenerate_boxes", file, "boxes with w <= 0 or h <= 0 once clipped to their "
+                                 "image, dropped", [_label(a) for a, k in zip(sound, keep) if not k],
+                                 "dropped from training and from the evaluation ground truth alike (no prediction "
+                                 "can match them); fix or remove them to silence this", error=False))
+    no_area = [_label(a) for a in annotations if "area" not in a and _valid_box(a.get("bbox"))]
+    for a in annotations:
+        if "area" not in a and _valid_box(a.get("bbox")):
+            a["area"] = float(a["bbox"][2]) * float(a["bbox"][3])
+    if no_area:
+        found.append(Finding("areas", file, "annotations without an area, set to the box's w * h", no_area,
+                             "repaired for training and evaluation alike (the evaluation's small/medium/large "
+                             "ranges read it)", error=False))
+    return found
+
+
+def segmentation_findings(data: dict, file: str) -> list:
+    """--masks scores masks against this file: every annotation needs a 'segmentation'."""
+    missing = [_label(a) for a in data.get("annotations", []) if not a.get("segmentation")]
+    return [Finding("segmentations", file, "annotations without a segmentation", missing,
+                    "--masks scores masks against this file: add polygons or RLE masks, or drop --masks")] \
+        if missing else []
+
+
+def check_panoptic(data: dict, file: str, png_folder=None, image_folder=None) -> list:
+    """A COCO panoptic JSON: its images, one annotation (PNG) per image, and each image's segments."""
+    file = str(file)
+    images, annotations = data["images"], data["annotations"]
+    found = _image_findings(images, file)
+    if image_folder is not None:
+        found += image_file_findings(images, image_folder, file)
+    cat_found, categories = _category_findings(data["categories"], file)
+    found += cat_found
+    image_ids = {image.get("id") for image in images}
+    annotated = [a.get("image_id") for a in annotations]
+    orphans = [i for i in annotated if i not in image_ids]
+    if orphans:
+        found.append(Finding("annotation_images", file, "annotations whose image_id is not in 'images'", orphans,
+                             "add the images or remove the annotations"))
+    twice = _repeated(annotated)
+    without = [i for i in (image.get("id") for image in images) if i not in set(annotated)]
+    if twice or without:
+        shown = [f"image {i} twice" for i in twice] + [f"image {i} none" for i in without]
+        found.append(Finding("panoptic_annotations", file, "images without exactly one annotation", shown,
+                             "give every image one annotation with its PNG and segments_info"))
+    pngs = [a.get("file_name") for a in annotations]
+    problems = [f"{n} listed twice" for n in _repeated(pngs)]
+    if png_folder is not None:
+        problems += [f"{Path(png_folder) / n} not found" for n in pngs if n and not (Path(png_folder) / n).is_file()]
+    if problems:
+        found.append(Finding("panoptic_pngs", file, "segment PNGs repeated or missing", problems,
+                             "each annotation needs its own PNG in the panoptic folder"))
+    unknown, crowd, repeated = [], [], []
+    for a in annotations:
+        segments = a.get("segments_info", [])
+        unknown += [f"image {a.get('image_id')} segment {s.get('id')}: category {s.get('category_id')}"
+                    for s in segments if s.get("category_id") not in categories]
+        crowd += [f"image {a.get('image_id')} segment {s.get('id')}" for s in segments
+                  if s.get("iscrowd", 0) not in (0, 1)]
+        repeated += [f"image {a.get('image_id')} segment {i}" for i in _repeated([s.get("id") for s in segments])]
+    if unknown:
+        found.append(Finding("annotation_categories", file, "segments whose category is not in 'categories'",
+                             unknown, "add the categories (with 'isthing') or fix the segments"))
+    if crowd:
+        found.append(Finding("iscrowd", file, "segments with iscrowd other than 0 or 1", crowd,
+                             "set iscrowd to 1 for crowd regions and 0 otherwise"))
+    if repeated:
+        found.append(Finding("segment_ids", file, "segment ids listed twice within an image", repeated,
+                             "each segment of an image needs its own id, the one its PNG pixels carry"))
+    return found
+
+
+def raise_errors(findings: list) -> None:
+    """UserError holding one line per error finding (main.py prints each as 'error: <line>')."""
+    errors = [f.line() for f in findings if f.error]
+    if errors:
+        raise UserError("\n".join(errors))
+
+
+_SAID = set()  # repair lines already said in this process
+
+
+def unsaid_repairs(findings: list) -> list:
+    """The repair lines of ``findings`` not yet said in this process (each is said once, by whoever comes
+    first: the run's check pass or the dataset that applies them)."""
+    lines = [f.line() for f in findings if not f.error and f.line() not in _SAID]
+    _SAID.update(lines)
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+
+
+def _read(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read annotation file {path}: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise UserError(f"{path} is not COCO format (no 'images' list)")
+    return data
+
+
+_PANOPTIC_CHECKS = ("image_ids", "image_sizes", "file_names", "image_files", "category_ids", "annotation_images",
+                    "annotation_categories", "iscrowd", "panoptic_annotations", "panoptic_pngs", "segment_ids")
+
+
+def run_checks(path, images=None, masks: bool = False, pngs=None) -> tuple:
+    """The command's pass over one file, COCO instances or (told by 'segments_info') COCO panoptic: (findings,
+    the keys of the checks that ran)."""
+    path = Path(path)
+    data = _read(path)
+    if any("segments_info" in a for a in data.get("annotations", [])):
+        for key in ("annotations", "categories"):
+            data.setdefault(key, [])
+        if pngs is None and (path.parent.parent / path.stem).is_dir():
+            pngs = path.parent.parent / path.stem  # DETR's layout: annotations/X.json next to X/
+        ran = [k for k in _PANOPTIC_CHECKS if k != "image_files" or images is not None]
+        return check_panoptic(data, path, pngs, images), ran
+    found = check_coco(data, path)
+    if masks:
+        found += segmentation_findings(data, path)
+    if images is not None:
+        found += image_file_findings(data["images"], images, str(path), open_images=True)
+    ran = [k for k in CHECKS if k not in _PANOPTIC_CHECKS[-3:] and (masks or k != "segmentations")
+           and (images is not None or k not in ("image_files", "opened_sizes"))]
+    return found, ran
+
+
+def summary(findings: list, ran) -> list:
+    """One line per check that ran: 'ok', or the counts and the first few offending ids."""
+    lines = []
+    by_check = defaultdict(list)
+    for f in findings:
+        by_check[f.check].append(f)
+    for key, title in CHECKS.items():
+        if key not in ran:
+            continue
+        if not by_check[key]:
+            lines.append(f"  {title}: ok")
+        for f in by_check[key]:
+            kind = "error" if f.error else "repaired"
+            lines.append(f"  {title}: {kind}: {len(f.ids)} {f.what} ({_few(f.ids)}); {f.fix}")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        "python -m datasets.check",
+        description="Check a COCO-format annotation file (instances or panoptic) the way a run does before "
+                    "training; exit 0 when a run can use it, 1 on errors (docs/data-checks.md).")
+    parser.add_argument("file", help="the annotation JSON")
+    parser.add_argument("--images", help="the image folder: every file must exist; each header is read and its "
+                                         "size compared with the declared width/height")
+    parser.add_argument("--masks", action="store_true", help="the file is scored for masks (--masks): every "
+                                                             "annotation needs a segmentation")
+    parser.add_argument("--pngs", help="panoptic files: the PNG folder (default: next to annotations/, as DETR)")
+    args = parser.parse_args(argv)
+    try:
+        findings, ran = run_checks(args.file, args.images, args.masks, args.pngs)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.file}:")
+    print("\n".join(summary(findings, ran)))
+    errors = sum(f.error for f in findings)
+    print(f"{errors} error(s), {len(findings) - errors} repair(s)"
+          + ("; a run refuses this file until the errors are fixed" if errors else "; a run can use this file"))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
