@@ -20,6 +20,7 @@ from models import build_model
 from options import (ablation_summary, check_args, format_config, get_args_parser,  # noqa: F401 (DETR's API)
                      resolve_args)
 from util import checkpoint as ckpt
+from util import checkpoint_space
 from util import dist
 from util import run_config
 from util import run_folder
@@ -306,7 +307,7 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
     # every input is checked: from here on the run writes (and --overwrite deletes the previous run)
     if trainer.writes:
         # AdamW keeps two tensors per parameter (exp_avg, exp_avg_sq)
-        ckpt.check_free_space(folder.path, ckpt.checkpoint_bytes(model_without_ddp, optimizer_states=2))
+        checkpoint_space.check_free_space(folder.path, checkpoint_space.checkpoint_bytes(model_without_ddp, 2))
         folder.prepare()
         ckpt.atomic_write_text(folder.path / "config.json", json.dumps(config, indent=1, sort_keys=True),
                                what="config.json")

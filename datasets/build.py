@@ -10,6 +10,7 @@ from util.dist import is_main_process
 from util.errors import UserError
 
 from . import check, synthetic_panoptic
+from .check_panoptic import check_panoptic
 from .class_names import COCO_NUM_CLASSES, class_names_of  # noqa: F401 (part of the package's API)
 from .coco import build_coco, coco_paths, max_category_id, parse_coco
 from .coco_panoptic import (COCO_PANOPTIC_NUM_CLASSES, build_coco_panoptic, check_panoptic_paths, image_paths,
@@ -157,7 +158,7 @@ def _findings(args, image_set: str, masks: bool) -> list:
         root = _synthetic_root(args)[0] if synthetic else None
         png_folder, pan_file = panoptic_paths(root if synthetic else args.coco_panoptic_path, image_set)
         img_folder, instances = image_paths(root if synthetic else args.coco_path, image_set)
-        found += check.check_panoptic(load_panoptic_json(pan_file), pan_file, png_folder, img_folder)
+        found += check_panoptic(load_panoptic_json(pan_file), pan_file, png_folder, img_folder)
         if instances is None:
             return found
     elif args.dataset_file == "synthetic":

@@ -6,7 +6,8 @@ Every inconsistency is one finding: one line naming the file, the offending ids 
 either an error (the run stops before training) or a repair that cannot change what is measured, applied to
 the one parsed copy that both training and evaluation read, and said once with a count. Nothing is dropped
 without a line. The module imports neither torch nor pycocotools, so the command starts in a fraction of a
-second; datasets/coco.py applies ``check_coco`` to every COCO-format file it parses.
+second; datasets/coco.py applies ``check_coco`` to every COCO-format file it parses, and
+datasets/check_panoptic.py holds the checks of COCO panoptic files.
 """
 import argparse
 import json
@@ -62,7 +63,7 @@ def _few(ids) -> str:
     return shown if len(ids) <= _SHOWN else f"{shown}, ... ({len(ids) - _SHOWN} more)"
 
 
-def _repeated(values) -> list:
+def repeated(values) -> list:
     """The values that occur more than once, each once, in order of first occurrence."""
     counts = Counter(values)
     return list(dict.fromkeys(v for v in values if counts[v] > 1))
@@ -72,14 +73,14 @@ def _positive_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def _image_findings(images: list, file: str) -> list:
+def image_findings(images: list, file: str) -> list:
     """Ids, declared sizes and file names of an 'images' list (COCO and COCO panoptic alike)."""
     found = []
     ids = [image.get("id") for image in images]
     if None in ids:
         found.append(Finding("image_ids", file, "images without an 'id'",
                              [f"images[{k}]" for k, i in enumerate(ids) if i is None], "give every image an id"))
-    duplicated = _repeated([i for i in ids if i is not None])
+    duplicated = repeated([i for i in ids if i is not None])
     if duplicated:
         found.append(Finding("image_ids", file, "image ids listed more than once", duplicated,
                              "give each image its own id (an id must name one file and its boxes)"))
@@ -89,7 +90,7 @@ def _image_findings(images: list, file: str) -> list:
         found.append(Finding("image_sizes", file, "images without a positive width and height", bad_size,
                              "set 'width' and 'height' to the image's size in pixels"))
     names = [image.get("file_name") for image in images]
-    duplicated = _repeated([n for n in names if n is not None])
+    duplicated = repeated([n for n in names if n is not None])
     if duplicated or None in names:
         shown = [f"{n} (images {', '.join(str(image.get('id')) for image in images if image.get('file_name') == n)})"
                  for n in duplicated] + [f"image {image.get('id')} has none" for image in images
@@ -132,9 +133,9 @@ def image_file_findings(images: list, folder, file: str, open_images: bool = Fal
     return found
 
 
-def _category_findings(categories: list, file: str) -> tuple:
+def category_findings(categories: list, file: str) -> tuple:
     ids = [c.get("id") for c in categories]
-    duplicated = _repeated(ids)
+    duplicated = repeated(ids)
     found = [Finding("category_ids", file, "category ids listed more than once", duplicated,
                      "give each category its own id (an id must name one class)")] if duplicated else []
     return found, set(ids)
@@ -167,14 +168,15 @@ def check_coco(data: dict, file: str) -> list:
     measured (the rules: docs/data-checks.md). Returns the findings; repairs have ``error=False``."""
     file = str(file)
     images, annotations = data["images"], data.setdefault("annotations", [])
-    found = _image_findings(images, file)
-    cat_found, categories = _category_findings(data.setdefault("categories", []), file)
+    found = image_findings(images, file)
+    cat_found, categories = category_findings(data.setdefault("categories", []), file)
     found += cat_found
     sizes = {image.get("id"): (image.get("width"), image.get("height")) for image in images
              if _positive_number(image.get("width")) and _positive_number(image.get("height"))}
 
     image_ids = {image.get("id") for image in images}
-    orphans = [_label(a) for a in annotations if a.get("image_id") not in image_ids]
+    # a file without images is an empty split, which the builders name as such (datasets/build.py, check_split)
+    orphans = [_label(a) for a in annotations if a.get("image_id") not in image_ids] if images else []
     if orphans:
         found.append(Finding("annotation_images", file, "annotations whose image_id is not in 'images'", orphans,
                              "add the images or remove the annotations"))
@@ -252,54 +254,6 @@ def segmentation_findings(data: dict, file: str) -> list:
         if missing else []
 
 
-def check_panoptic(data: dict, file: str, png_folder=None, image_folder=None) -> list:
-    """A COCO panoptic JSON: its images, one annotation (PNG) per image, and each image's segments."""
-    file = str(file)
-    images, annotations = data["images"], data["annotations"]
-    found = _image_findings(images, file)
-    if image_folder is not None:
-        found += image_file_findings(images, image_folder, file)
-    cat_found, categories = _category_findings(data["categories"], file)
-    found += cat_found
-    image_ids = {image.get("id") for image in images}
-    annotated = [a.get("image_id") for a in annotations]
-    orphans = [i for i in annotated if i not in image_ids]
-    if orphans:
-        found.append(Finding("annotation_images", file, "annotations whose image_id is not in 'images'", orphans,
-                             "add the images or remove the annotations"))
-    twice = _repeated(annotated)
-    without = [i for i in (image.get("id") for image in images) if i not in set(annotated)]
-    if twice or without:
-        shown = [f"image {i} twice" for i in twice] + [f"image {i} none" for i in without]
-        found.append(Finding("panoptic_annotations", file, "images without exactly one annotation", shown,
-                             "give every image one annotation with its PNG and segments_info"))
-    pngs = [a.get("file_name") for a in annotations]
-    problems = [f"{n} listed twice" for n in _repeated(pngs)]
-    if png_folder is not None:
-        problems += [f"{Path(png_folder) / n} not found" for n in pngs if n and not (Path(png_folder) / n).is_file()]
-    if problems:
-        found.append(Finding("panoptic_pngs", file, "segment PNGs repeated or missing", problems,
-                             "each annotation needs its own PNG in the panoptic folder"))
-    unknown, crowd, repeated = [], [], []
-    for a in annotations:
-        segments = a.get("segments_info", [])
-        unknown += [f"image {a.get('image_id')} segment {s.get('id')}: category {s.get('category_id')}"
-                    for s in segments if s.get("category_id") not in categories]
-        crowd += [f"image {a.get('image_id')} segment {s.get('id')}" for s in segments
-                  if s.get("iscrowd", 0) not in (0, 1)]
-        repeated += [f"image {a.get('image_id')} segment {i}" for i in _repeated([s.get("id") for s in segments])]
-    if unknown:
-        found.append(Finding("annotation_categories", file, "segments whose category is not in 'categories'",
-                             unknown, "add the categories (with 'isthing') or fix the segments"))
-    if crowd:
-        found.append(Finding("iscrowd", file, "segments with iscrowd other than 0 or 1", crowd,
-                             "set iscrowd to 1 for crowd regions and 0 otherwise"))
-    if repeated:
-        found.append(Finding("segment_ids", file, "segment ids listed twice within an image", repeated,
-                             "each segment of an image needs its own id, the one its PNG pixels carry"))
-    return found
-
-
 def raise_errors(findings: list) -> None:
     """UserError holding one line per error finding (main.py prints each as 'error: <line>')."""
     errors = [f.line() for f in findings if f.error]
@@ -333,13 +287,11 @@ def _read(path: Path) -> dict:
     return data
 
 
-_PANOPTIC_CHECKS = ("image_ids", "image_sizes", "file_names", "image_files", "category_ids", "annotation_images",
-                    "annotation_categories", "iscrowd", "panoptic_annotations", "panoptic_pngs", "segment_ids")
-
-
 def run_checks(path, images=None, masks: bool = False, pngs=None) -> tuple:
     """The command's pass over one file, COCO instances or (told by 'segments_info') COCO panoptic: (findings,
     the keys of the checks that ran)."""
+    from .check_panoptic import PANOPTIC_CHECKS, check_panoptic
+
     path = Path(path)
     data = _read(path)
     if any("segments_info" in a for a in data.get("annotations", [])):
@@ -347,14 +299,14 @@ def run_checks(path, images=None, masks: bool = False, pngs=None) -> tuple:
             data.setdefault(key, [])
         if pngs is None and (path.parent.parent / path.stem).is_dir():
             pngs = path.parent.parent / path.stem  # DETR's layout: annotations/X.json next to X/
-        ran = [k for k in _PANOPTIC_CHECKS if k != "image_files" or images is not None]
+        ran = [k for k in PANOPTIC_CHECKS if k != "image_files" or images is not None]
         return check_panoptic(data, path, pngs, images), ran
     found = check_coco(data, path)
     if masks:
         found += segmentation_findings(data, path)
     if images is not None:
         found += image_file_findings(data["images"], images, str(path), open_images=True)
-    ran = [k for k in CHECKS if k not in _PANOPTIC_CHECKS[-3:] and (masks or k != "segmentations")
+    ran = [k for k in CHECKS if k not in PANOPTIC_CHECKS[-3:] and (masks or k != "segmentations")
            and (images is not None or k not in ("image_files", "opened_sizes"))]
     return found, ran
 

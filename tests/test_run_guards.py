@@ -15,6 +15,7 @@ import main
 from models import build_model
 from tests.conftest import TINY_CLI, make_args
 from util import checkpoint as ckpt
+from util import checkpoint_space
 from util import run_config
 from util.errors import UserError
 
@@ -27,7 +28,7 @@ def test_checkpoint_size_estimate_matches_a_saved_adamw_checkpoint(tmp_path):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     model(torch.randn(4, 300)).sum().backward()
     optimizer.step()
-    estimate = ckpt.checkpoint_bytes(model, optimizer_states=2)
+    estimate = checkpoint_space.checkpoint_bytes(model, optimizer_states=2)
     state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     assert estimate == state + 2 * trainable
