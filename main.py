@@ -229,8 +229,6 @@ def main(args, explicit=frozenset()):
 def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
     device = torch.device(args.device)
     datasets.check_paths(args, ("val",) if args.eval else ("train", "val"))
-    # every annotation file the run reads, before any model or checkpoint is loaded (docs/data-checks.md)
-    datasets.check_data(args, ("val",) if args.eval else ("train", "val"))
     resume_path = _resume_path(args)
     checkpoint = ckpt.load_checkpoint(resume_path, trust=args.trust_checkpoint) if resume_path else None
     if args.eval and checkpoint is None and not args.finetune_from and not args.eval_untrained:
@@ -245,6 +243,9 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
         for message in _adopt_architecture(args, explicit, frozen, args.frozen_weights, ignore={"masks"}):
             print(message)
     resolve_args(args)
+    # every annotation file the run reads, before any model is built (docs/data-checks.md); after the flags a
+    # checkpoint sets (--masks decides whether masks are scored)
+    datasets.check_data(args, ("val",) if args.eval else ("train", "val"))
     config = run_config.config_to_dict(args)
     print(format_config(args))
     print(ablation_summary(args))
