@@ -20,7 +20,7 @@ from models import build_model
 from options import (ARCH_FLAGS, ablation_summary, check_args, format_config,  # noqa: F401 (DETR's API)
                      get_args_parser, resolve_args)
 from rundir import checkpoint as ckpt
-from rundir import run_config, run_folder
+from rundir import checkpoint_space, run_config, run_folder
 from rundir.preemption import PREEMPTION_SIGNALS, PreemptionHandler, exit_for_requeue
 from util import dist
 from util.errors import UserError
@@ -242,6 +242,9 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
         for message in _adopt_architecture(args, explicit, frozen, args.frozen_weights, ignore={"masks"}):
             print(message)
     resolve_args(args)
+    # every annotation file the run reads, before any model is built (docs/data-checks.md); after the flags a
+    # checkpoint sets (--masks decides whether masks are scored)
+    datasets.check_data(args, ("val",) if args.eval else ("train", "val"))
     config = run_config.config_to_dict(args)
     print(format_config(args))
     print(ablation_summary(args))
@@ -293,6 +296,9 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
                       stuff_ids=None if stuff_ids is None else sorted(stuff_ids))
     if checkpoint is not None and "optimizer" in checkpoint and "lr_scheduler" in checkpoint:
         trainer.restore(checkpoint, resume_path, explicit)
+    elif checkpoint is not None:
+        print(f"loaded weights only: epoch {trainer.start_epoch}, fresh optimizer and schedule "
+              f"({resume_path} holds no optimizer state)")
     dataset_train = datasets.build_dataset("train", args)
     datasets.check_split(dataset_train, "train")
     loaders = _loaders(args, dataset_train, dataset_val)
@@ -300,6 +306,8 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
                                       collate_fn=_collate(args))))[0]
     # every input is checked: from here on the run writes (and --overwrite deletes the previous run)
     if trainer.writes:
+        # AdamW keeps two tensors per parameter (exp_avg, exp_avg_sq)
+        checkpoint_space.check_free_space(folder.path, checkpoint_space.checkpoint_bytes(model_without_ddp, 2))
         folder.prepare()
         ckpt.atomic_write_text(folder.path / "config.json", json.dumps(config, indent=1, sort_keys=True),
                                what="config.json")
@@ -422,7 +430,8 @@ def cli(argv=None) -> int:
     try:
         main(args, run_config.explicit_flags(parser, argv))
     except UserError as exc:
-        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+        # one line per finding (the annotation check can report several)
+        print("\n".join(f"error: {line}" for line in _one_line(str(exc)).splitlines()), file=sys.stderr)
         return 2
     finally:
         dist.cleanup()

@@ -4,8 +4,9 @@ Items follow the team contract: ``(img Tensor[3,H,W], target)`` with
 'boxes' (N,4) cxcywh normalised, 'labels' (N,) int64 COCO category ids,
 'image_id', 'orig_size', 'size' (h, w), 'area', 'iscrowd'.
 
-All annotation checks run once at build time so bad data fails before
-training starts; only image decoding is checked per item.
+All annotation checks run once, when a file is parsed (datasets/check.py, docs/data-checks.md), so bad data
+fails before training starts and the repairs it allows reach training and evaluation alike; only image decoding
+is checked per item.
 """
 import contextlib
 import functools
@@ -21,8 +22,10 @@ from pycocotools.coco import COCO
 
 from util.dist import is_main_process
 
-from .images import ImageDecodeError, load_rgb
 from util.errors import UserError
+
+from . import annotation_checks
+from .images import ImageDecodeError, load_rgb
 
 COCO_LAYOUT = "--coco_path with train2017/ val2017/ annotations/instances_{train,val}2017.json"
 
@@ -55,9 +58,18 @@ def coco_paths(root, image_set: str, images=None, ann_file=None) -> tuple[Path, 
 
 
 def load_coco_api(ann_file) -> COCO:
-    """pycocotools COCO without its progress prints; unreadable JSON is a UserError. Parsed once per process
-    and file version (path, size, mtime): deriving --num_classes and building the dataset share one parse of
-    a large file (COCO's training annotations are about 450 MB). Callers treat the object as read-only."""
+    """pycocotools COCO without its progress prints, checked and repaired by datasets/check.py: unreadable JSON
+    or any error finding is a UserError (one line per finding). Parsed once per process and file version (path,
+    size, mtime): the check pass, deriving --num_classes and building the dataset share one parse of a large
+    file (COCO's training annotations are about 450 MB). Callers treat the object as read-only; its
+    ``findings`` are the file's check results."""
+    coco = parse_coco(ann_file)
+    annotation_checks.raise_errors(coco.findings)
+    return coco
+
+
+def parse_coco(ann_file) -> COCO:
+    """``load_coco_api`` without raising on error findings (the check pass reports them with others)."""
     return _parse_coco_api(*file_version(ann_file, "annotation file"))
 
 
@@ -85,12 +97,12 @@ def _parse_coco_api(ann_file: str, size: int, mtime_ns: int) -> COCO:
     dataset = read_json(ann_file, "annotation file")
     if not isinstance(dataset, dict) or "images" not in dataset:
         raise UserError(f"annotation file {ann_file} is not COCO format (no 'images' list)")
-    dataset.setdefault("annotations", [])
-    dataset.setdefault("categories", [])
     coco = COCO()
+    coco.findings = annotation_checks.check_coco(dataset, ann_file)
     coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
+    if not any(f.error for f in coco.findings):  # pycocotools' index needs sound ids
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
     return coco
 
 
@@ -110,15 +122,12 @@ class CocoDetection(torch.utils.data.Dataset):
         # {category id: name} from the annotation file (stored in checkpoints, shown by predict.py)
         self.class_names = {int(c["id"]): str(c.get("name", c["id"])) for c in self.coco.dataset["categories"]}
         self.num_bad_images_skipped = 0
-        # One pass over the raw annotations at build time, so the count covers
-        # the whole file; targets themselves are built per item (as DETR).
-        plain = [a for a in self.coco.dataset["annotations"] if not a.get("iscrowd", 0)]
-        sizes = [self.coco.imgs.get(a["image_id"], {}) for a in plain]
-        _, keep = _clipped_xyxy([a["bbox"] for a in plain], [s.get("width", float("inf")) for s in sizes],
-                                [s.get("height", float("inf")) for s in sizes])
-        self.num_degenerate_dropped = int((~keep).sum())
-        if self.num_degenerate_dropped:
-            _warn(f"{self.num_degenerate_dropped} degenerate boxes dropped from {self.ann_file}")
+        # the parse's repairs (datasets/check.py), said once per process: degenerate boxes are already gone
+        # from the annotations that both the targets and the evaluation ground truth read
+        findings = getattr(self.coco, "findings", [])
+        self.num_degenerate_dropped = sum(len(f.ids) for f in findings if f.check == "degenerate_boxes")
+        for line in annotation_checks.unsaid_repairs(findings):
+            _warn(line)
         if num_classes is not None:
             self._check_category_ids(num_classes)
 

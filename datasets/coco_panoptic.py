@@ -23,6 +23,8 @@ from torchvision.ops import masks_to_boxes
 
 from util.errors import UserError
 
+from . import annotation_checks
+from .check_panoptic import check_panoptic
 from .coco import CocoDetection, _BadImage, coco_paths, file_version, load_coco_api, read_json
 
 PANOPTIC_LAYOUT = ("--coco_panoptic_path with annotations/panoptic_{train,val}2017.json and the PNG folders "
@@ -132,6 +134,7 @@ class CocoPanoptic(CocoDetection):
         self.num_bad_images_skipped = 0
         self.num_degenerate_dropped = 0  # none: boxes come from the masks, and DETR keeps every segment
         self.panoptic = load_panoptic_json(ann_file)
+        annotation_checks.raise_errors(check_panoptic(self.panoptic, ann_file))
         self.segments = {ann["image_id"]: ann for ann in self.panoptic["annotations"]}
         self.ids = sorted(image["id"] for image in self.panoptic["images"])
         # things and stuff: every category a panoptic prediction can name (checkpoints store them)

@@ -28,6 +28,7 @@ from pycocotools.coco import COCO
 
 from util.errors import UserError
 
+from . import annotation_checks
 from .coco import CocoDetection
 
 VOC_CLASSES = (
@@ -66,9 +67,11 @@ def _size(root, tag: str):
     return value if value > 0 else None
 
 
-def parse_voc_xml(path, classes) -> VocRecord:
+def parse_voc_xml(path, classes, unknown: list | None = None) -> VocRecord:
     """Read one VOC annotation file; ``classes`` are the known class names. Raises UserError (one line,
-    naming the file) for a missing or malformed file, an unknown class or a box without numeric corners."""
+    naming the file) for a missing or malformed file, an unknown class or a box without numeric corners; with
+    an ``unknown`` list, an object of an unknown class is appended there as "<path>: <name>" and skipped instead
+    (the check pass lists them all)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"annotation file {path} not found")
@@ -80,8 +83,10 @@ def parse_voc_xml(path, classes) -> VocRecord:
     for obj in root.iter("object"):
         name = (obj.findtext("name") or "").strip()
         if name not in classes:
-            known = ", ".join(classes) if len(classes) <= 20 else f"{', '.join(classes[:20])}, ..."
-            raise UserError(f"{path}: unknown class {name!r} (known: {known}; set the list with --voc_classes)")
+            if unknown is not None:
+                unknown.append(f"{path}: {name!r}")
+                continue
+            raise UserError(f"{path}: unknown class {name!r} ({_known(classes)})")
         try:
             xmin, ymin, xmax, ymax = (float(obj.findtext(f"bndbox/{c}")) for c in _CORNERS)
         except (TypeError, ValueError):
@@ -89,6 +94,11 @@ def parse_voc_xml(path, classes) -> VocRecord:
         record.objects.append(VocObject(name=name, box=(xmin - 1, ymin - 1, xmax, ymax),
                                         difficult=_flag(obj, "difficult"), truncated=_flag(obj, "truncated")))
     return record
+
+
+def _known(classes) -> str:
+    known = ", ".join(classes) if len(classes) <= 20 else f"{', '.join(classes[:20])}, ..."
+    return f"known: {known}; set the list with --voc_classes"
 
 
 def parse_set_list(text: str, flag: str) -> list[tuple[str, str]]:
@@ -132,13 +142,22 @@ def _image_set_ids(voc_root: Path, year: str, name: str, flag: str) -> tuple[Pat
 
 
 def load_voc(voc_root, sets, classes, keep_difficult: bool = False, flag: str = "--voc_val") -> COCO:
-    """The images listed by ``sets`` [(year, set), ...] and their objects as a pycocotools COCO object.
-    Image ids are 1..N in listing order; file names are relative to ``voc_root``."""
+    """The images listed by ``sets`` [(year, set), ...] and their objects as a pycocotools COCO object, checked
+    and repaired as a COCO file is (datasets/check.py; its ``findings``); any error is a UserError. Image ids are
+    1..N in listing order; file names are relative to ``voc_root``."""
+    coco = read_voc(voc_root, sets, classes, keep_difficult, flag)
+    annotation_checks.raise_errors(coco.findings)
+    return coco
+
+
+def read_voc(voc_root, sets, classes, keep_difficult: bool = False, flag: str = "--voc_val") -> COCO:
+    """``load_voc`` without raising on error findings: listed images without a file and objects of an unknown
+    class are findings (all of them, one line each) like those of a COCO file."""
     voc_root = Path(voc_root).expanduser()
     if not voc_root.is_dir():
         raise UserError(f"--voc_path {voc_root} is not a directory (expects VOC<YEAR>/ folders)")
     category = {name: i for i, name in enumerate(classes, start=1)}
-    images, annotations, seen = [], [], {}
+    images, annotations, seen, missing, unknown = [], [], {}, [], []
     for year, name in sets:
         list_file, ids = _image_set_ids(voc_root, year, name, flag)
         for stem in ids:
@@ -147,12 +166,13 @@ def load_voc(voc_root, sets, classes, keep_difficult: bool = False, flag: str = 
                 raise UserError(f"{list_file} lists VOC{year} image {stem}, already listed by {seen[key]}")
             seen[key] = list_file
             image_path = voc_root / f"VOC{year}" / "JPEGImages" / f"{stem}.jpg"
-            if not image_path.is_file():
-                raise UserError(f"{list_file} lists {stem} but its image {image_path} does not exist")
             xml = voc_root / f"VOC{year}" / "Annotations" / f"{stem}.xml"
+            if not image_path.is_file():
+                missing.append(f"{stem}: {image_path}")
+                continue
             if not xml.is_file():
                 raise UserError(f"annotation file {xml} not found ({list_file} lists {stem})")
-            record = parse_voc_xml(xml, classes)
+            record = parse_voc_xml(xml, classes, unknown)
             width, height = record.width, record.height
             if width is None or height is None:  # no <size> in the XML: the image header has it
                 try:
@@ -169,10 +189,21 @@ def load_voc(voc_root, sets, classes, keep_difficult: bool = False, flag: str = 
                     "id": len(annotations) + 1, "image_id": image_id, "category_id": category[obj.name],
                     "bbox": [x1, y1, x2 - x1, y2 - y1], "area": max(x2 - x1, 0.0) * max(y2 - y1, 0.0),
                     "iscrowd": int(obj.difficult and not keep_difficult),
-                    "difficult": int(obj.difficult), "truncated": int(obj.truncated)})
+                    "difficult": int(obj.difficult), "truncated": int(obj.truncated), "voc_xml": str(xml)})
+    list_file = voc_root / f"VOC{sets[0][0]}" / "ImageSets" / "Main" / f"{sets[0][1]}.txt"
+    findings = []
+    if missing:
+        findings.append(annotation_checks.Finding(
+            "image_files", str(list_file), "listed images without a JPEGImages file", missing,
+            "restore the images or remove them from the image set files"))
+    if unknown:
+        findings.append(annotation_checks.Finding(
+            "annotation_categories", str(list_file), "objects of an unknown class", unknown, _known(classes)))
     coco = COCO()
     coco.dataset = {"images": images, "annotations": annotations,
                     "categories": [{"id": i, "name": n} for n, i in category.items()]}
+    # boxes past the image, degenerate once clipped: dropped from training and evaluation alike
+    coco.findings = findings + annotation_checks.check_coco(coco.dataset, str(list_file))
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress prints
         coco.createIndex()
     return coco
@@ -195,4 +226,4 @@ class VocDetection(CocoDetection):
 
 
 __all__ = ["VOC_CLASSES", "VocDetection", "VocObject", "VocRecord", "class_list", "load_voc", "parse_set_list",
-           "parse_voc_xml"]
+           "parse_voc_xml", "read_voc"]

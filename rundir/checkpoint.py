@@ -366,7 +366,16 @@ _FIX_BY_KEY = (
 )
 
 
+# The SMCA modules of the decoder (models/transformer.py, SMCADecoder): DETR's own checkpoints lack them.
+_SMCA_KEYS = ('transformer.decoder.reference.', 'transformer.decoder.priors.')
+
+
 def _likely_fix(missing: list[str], unexpected: list[str], mismatched: list) -> str:
+    if missing and not unexpected and not mismatched and all(
+            any(part in f'.{k}' for part in (f'.{prefix}' for prefix in _SMCA_KEYS)) for k in missing):
+        return ('the checkpoint has no SMCA modules (a DETR checkpoint, or one trained with --dynamic_scale none); '
+                'to start the SMCA model from its weights, pass it as --finetune_from PATH (the SMCA modules keep '
+                'their fresh initialisation) instead of --resume')
     keys = missing + unexpected + [k for k, _ in mismatched]
     fixes = []
     for fragment, fix in _FIX_BY_KEY:

@@ -58,9 +58,10 @@ def test_num_classes_is_largest_category_id_plus_one_and_printed(tmp_path, capsy
     _write_categories(ann, [3, 7], annotation_ids=[3])
     assert num_classes_for(_args(train_images=tmp_path / "imgs", train_ann=ann)) == 8
     assert f"num_classes 8: largest category id 7 in {ann}, plus 1" in capsys.readouterr().out
-    # an annotation's id beyond the category list counts too
+    # an annotation's id beyond the category list is an error of the file (docs/data-checks.md), not a class
     _write_categories(ann, [1, 2], annotation_ids=[5])
-    assert num_classes_for(_args(train_images=tmp_path / "imgs", train_ann=ann)) == 6
+    with pytest.raises(UserError, match=r"category ids used by annotations but not in 'categories' \(category 5"):
+        num_classes_for(_args(train_images=tmp_path / "imgs", train_ann=ann))
     # COCO 2017 stays DETR's 91
     coco = tmp_path / "coco"
     (coco / "train2017").mkdir(parents=True)
@@ -68,6 +69,7 @@ def test_num_classes_is_largest_category_id_plus_one_and_printed(tmp_path, capsy
     _write_categories(coco / "annotations/instances_train2017.json", COCO_2017_IDS)
     assert num_classes_for(_args(coco_path=coco)) == 91
     # under --eval the evaluated split decides: no training files are needed
+    _write_categories(ann, [1, 2, 5], annotation_ids=[5])
     assert num_classes_for(_args(eval=True, val_images=tmp_path / "imgs", val_ann=ann)) == 6
     assert num_classes_for(_args(num_classes=3, val_images=tmp_path / "imgs", val_ann=ann)) == 3
 

@@ -449,7 +449,11 @@ def test_degenerate_and_crowd_boxes_dropped_and_counted(coco_root, capsys):
     capsys.readouterr()
     ds = CocoDetection(coco_root / "val2017", ann_file, num_classes=5)
     assert ds.num_degenerate_dropped == 2
-    assert f"2 degenerate boxes dropped from {ann_file}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{ann_file}: 2 boxes with w <= 0 or h <= 0 once clipped to their image, dropped" in err
+    assert "dropped from training and from the evaluation ground truth alike" in err
+    # the evaluation ground truth (the same parsed object) no longer holds them either
+    assert [a["bbox"] for a in ds.coco.imgToAnns[1]][-2:] == [[-8.0, 4.0, 20.0, 10.0], [5.0, 5.0, 20.0, 20.0]]
     assert ds.ids[0] == 1
     _, target = ds[0]                           # no transforms: absolute xyxy boxes
     expected = [_xyxy(a["bbox"]) for a in original] + [[0.0, 4.0, 12.0, 14.0]]
@@ -460,7 +464,10 @@ def test_degenerate_and_crowd_boxes_dropped_and_counted(coco_root, capsys):
 
 def test_category_id_beyond_num_classes(coco_root):
     ann_file = coco_root / "annotations/instances_val2017.json"
-    _edit_json(ann_file, lambda d: d["annotations"][0].__setitem__("category_id", 99))
+    def edit(d):
+        d["annotations"][0]["category_id"] = 99
+        d["categories"].append({"id": 99, "name": "listed, beyond --num_classes"})
+    _edit_json(ann_file, edit)
     with pytest.raises(UserError) as err:
         build_dataset("val", _coco_args(coco_root))
     message = str(err.value)

@@ -34,13 +34,14 @@ PARSERS = {
     "benchmark eval": ("experiments.benchmark_eval", "get_args_parser"),
     "benchmark infer": ("experiments.benchmark_infer", "get_args_parser"),
     "export": ("export", "get_args_parser"),
+    "check": ("datasets.check", "get_args_parser"),
 }
 # commands whose own flags end at '--': what follows is main.py's
 MAIN_AFTER_DASHES = {"submit", "sweep", "status", "benchmark model", "benchmark coattn", "benchmark eval",
                      "benchmark infer"}
 # how a command is written -> the command; scripts that pass their arguments on to main.py count as main.py
 PROGRAMS = {
-    "main.py": "main", "predict.py": "predict", "export.py": "export", "slurm/submit.py": "submit", "slurm.submit": "submit",
+    "main.py": "main", "predict.py": "predict", "export.py": "export", "datasets.check": "check", "slurm/submit.py": "submit", "slurm.submit": "submit",
     "slurm/sweep.py": "sweep", "slurm.sweep": "sweep", "slurm/status.py": "status", "slurm.status": "status",
     "experiments/compare.py": "compare", "compare.py": "compare", "experiments.compare": "compare",
     "experiments/plot_logs.py": "plot_logs", "plot_logs.py": "plot_logs", "experiments.plot_logs": "plot_logs",

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,25 +56,34 @@ def test_nan_weights_take_the_nonfinite_path(finished_tiny_run, tmp_path, weight
 
 @pytest.fixture
 def small_tmpfs(tmp_path, finished_tiny_run):
-    """A tmpfs that holds one checkpoint of the tiny run but not a second one beside it (a save writes the new
-    file next to the old one before the rename)."""
+    """A tmpfs of a given size in checkpoints of the tiny run: ``small_tmpfs(2.5)``."""
     size = (finished_tiny_run[0] / "checkpoint.pth").stat().st_size
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2 // 1024}k", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or 'mount failed'}); "
-                    f"test_full_file_size_limit covers the same code path")
+    mounts = []
+
+    def mount(checkpoints: float) -> Path:
+        folder = tmp_path / f"tmpfs{len(mounts)}"
+        folder.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * checkpoints) // 1024}k", "tmpfs",
+                               str(folder)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or 'mount failed'}); "
+                        f"test_full_file_size_limit covers the same code path")
+        mounts.append(folder)
+        return folder
+
     try:
         yield mount
     finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+        for folder in mounts:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def test_disk_full_at_save_is_one_line_and_keeps_the_previous_checkpoint(small_tmpfs, cli_synthetic_root):
-    out = small_tmpfs / "run"
-    result = run_main([*TINY_CLI, "--synthetic_root", cli_synthetic_root, "--epochs", "2", "--output_dir", out])
+    """Room for two checkpoints and a half: the run starts (twice a checkpoint is free), epoch 0 writes
+    checkpoint.pth and its copy checkpoint0000.pth (--save_every 1), and epoch 1's save finds the disk full."""
+    out = small_tmpfs(2.5) / "run"
+    result = run_main([*TINY_CLI, "--synthetic_root", cli_synthetic_root, "--epochs", "2", "--save_every", "1",
+                       "--output_dir", out])
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr == (f"error: could not write checkpoint {out / 'checkpoint.pth'} (No space left on device); "
                              f"the previous checkpoint.pth, if any, is unchanged: free space or choose another "
@@ -81,6 +91,17 @@ def test_disk_full_at_save_is_one_line_and_keeps_the_previous_checkpoint(small_t
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0  # the previous one, whole
     assert logged_epochs(out) == [0]
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # the failed temporary file is gone
+
+
+def test_disk_without_room_for_two_checkpoints_is_refused_before_the_first_epoch(small_tmpfs, cli_synthetic_root):
+    """A real small file system (no monkeypatching): one checkpoint and a half fit, the run asks for two."""
+    out = small_tmpfs(1.5) / "run"
+    result = run_main([*TINY_CLI, "--synthetic_root", cli_synthetic_root, "--epochs", "2", "--output_dir", out])
+    assert result.returncode == 2 and "start training" not in result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --output_dir {out}: its file system has ")
+    assert "less than twice a checkpoint (about " in lines[0] and lines[0].endswith("choose another --output_dir")
+    assert not out.exists() or not any(out.glob("*.pth"))
 
 
 SAVE_OVER_LIMIT = """

@@ -225,15 +225,15 @@ def test_unknown_class_name(devkit, tmp_path, capsys):
     err = _cli_error(capsys, _voc_argv(devkit, tmp_path / "out"))
     assert str(xml) in err and "'dgo'" in err and "--voc_classes" in err
     # the default list is VOC's 20 classes
-    with pytest.raises(UserError, match="unknown class 'dgo'"):
+    with pytest.raises(UserError, match="1 objects of an unknown class .*b.xml: 'dgo'"):
         load_voc(devkit, [("2007", "test")], class_list(None))
 
 
 def test_image_set_entry_without_image(devkit, tmp_path, capsys):
     (devkit / "VOC2007/ImageSets/Main/test.txt").write_text("b\nc\n")
     err = _cli_error(capsys, _voc_argv(devkit, tmp_path / "out"))
-    assert f"{devkit}/VOC2007/ImageSets/Main/test.txt lists c" in err
-    assert f"{devkit}/VOC2007/JPEGImages/c.jpg does not exist" in err
+    assert f"{devkit}/VOC2007/ImageSets/Main/test.txt: 1 listed images without a JPEGImages file" in err
+    assert f"(c: {devkit}/VOC2007/JPEGImages/c.jpg)" in err
 
 
 def test_missing_image_set_file_and_bad_entries(devkit, tmp_path, capsys):
