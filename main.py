@@ -25,7 +25,7 @@ from util import run_config
 from util import run_folder
 from util.errors import UserError
 from util.misc import collate_fn, seed_everything
-from util.preemption import PREEMPTION_SIGNALS, PreemptionHandler, exit_for_requeue
+from util.preemption import PREEMPTION_SIGNALS, PreemptionHandler, SignalSafeLoader, exit_for_requeue
 from util.tb import RunLogger
 
 
@@ -86,8 +86,8 @@ def _collate(args):
 @dataclass
 class Loaders:
     sampler_train: engine.ResumableSampler
-    train: DataLoader
-    val: DataLoader
+    train: SignalSafeLoader
+    val: SignalSafeLoader
 
 
 def _loaders(args, dataset_train, dataset_val) -> Loaders:
@@ -98,9 +98,11 @@ def _loaders(args, dataset_train, dataset_val) -> Loaders:
                                             seed=args.seed)
     sampler_val = _val_sampler(dataset_val)
     common = dict(collate_fn=_collate(args), num_workers=args.num_workers, persistent_workers=False)
-    loader_train = DataLoader(dataset_train, batch_size=args.batch_size, sampler=sampler_train, drop_last=True,
+    # workers ignore the signals a launcher sends to the whole process group; the main process acts on them
+    loader_train = SignalSafeLoader(dataset_train, batch_size=args.batch_size, sampler=sampler_train, drop_last=True,
                               **common)
-    loader_val = DataLoader(dataset_val, batch_size=args.batch_size, sampler=sampler_val, drop_last=False, **common)
+    loader_val = SignalSafeLoader(dataset_val, batch_size=args.batch_size, sampler=sampler_val, drop_last=False,
+                                  **common)
     if len(loader_train) == 0:
         raise UserError(f"the training set has {len(dataset_train)} images, fewer than --batch_size "
                         f"{args.batch_size} x {world} processes; lower --batch_size")
@@ -271,8 +273,8 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
     datasets.check_split(dataset_val, "val", need_annotations=True)
     base_ds = datasets.get_coco_api_from_dataset(dataset_val)
     if args.eval:
-        loader_val = DataLoader(dataset_val, batch_size=args.batch_size, collate_fn=_collate(args),
-                                num_workers=args.num_workers, sampler=_val_sampler(dataset_val))
+        loader_val = SignalSafeLoader(dataset_val, batch_size=args.batch_size, collate_fn=_collate(args),
+                                      num_workers=args.num_workers, sampler=_val_sampler(dataset_val))
         evaluator = engine.coco_evaluator(base_ds, postprocessors, args.coco_backend)
         stats, _ = engine.evaluate(model, criterion, postprocessors, loader_val, base_ds, device, amp=args.amp,
                                    coco_backend=args.coco_backend, voc_metric=datasets.uses_voc_metric(dataset_val),
