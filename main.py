@@ -25,7 +25,8 @@ from util import run_config
 from util import run_folder
 from util.errors import UserError
 from util.misc import collate_fn, seed_everything
-from util.preemption import PREEMPTION_SIGNALS, PreemptionHandler, SignalSafeLoader, exit_for_requeue
+from util.preemption import (INTERRUPT_EXIT_CODE, PREEMPTION_SIGNALS, STOP_SIGNALS, PreemptionHandler,
+                             SignalSafeLoader, exit_for_requeue)
 from util.tb import RunLogger
 
 
@@ -309,8 +310,10 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
         _truncate_log(folder.path / "log.txt", trainer.start_epoch, trainer.resumed_log_stats)
     logger = RunLogger(args.output_dir, enabled=dist.is_main_process(), purge_step=trainer.tb_step)
     logger.log_hparams(config, {})
-    # under submitit, its own handler checkpoints and requeues (via slurm/submit.py's checkpoint())
-    preemption = PreemptionHandler(signals=() if os.environ.get("SUBMITIT_EXECUTOR") else PREEMPTION_SIGNALS)
+    # under submitit, its own handler checkpoints and requeues (via slurm/submit.py's checkpoint()); Ctrl-C is ours
+    submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))
+    preemption = PreemptionHandler(signals=tuple(sig for sig in STOP_SIGNALS
+                                                 if not (submitit and sig in PREEMPTION_SIGNALS)))
     try:
         return train(trainer, loaders, diag_batch, base_ds, logger, preemption)
     finally:
@@ -326,11 +329,20 @@ def _save_detections(detections: list, path: Path) -> None:
 
 def _stop_for_requeue(trainer: Trainer, preemption, epoch: int, iteration: int, logger, metrics: dict) -> None:
     trainer.save("checkpoint.pth", epoch, iteration=iteration, metrics=metrics)
-    where = f"epoch {epoch}, iteration {iteration}" if iteration else f"the end of epoch {epoch}"
-    print(f"{preemption.signal_name}: saved checkpoint at {where}")
     logger.close()
     preemption.uninstall()
-    exit_for_requeue(dist.get_rank())  # SystemExit: main() releases the folder on its way out
+    # SystemExit below: main() releases the folder on its way out
+    if preemption.interrupted:  # Ctrl-C: the user stopped it, nothing to requeue
+        if dist.is_main_process():
+            # where a resume continues: the next epoch's start after a finished epoch
+            at = f"epoch {epoch}, iteration {iteration}" if iteration else f"epoch {epoch + 1}, iteration 0"
+            saved = ("checkpoint saved; continue with --resume auto" if trainer.writes
+                     else "nothing saved (no --output_dir)")
+            print(f"interrupted at {at}; {saved}", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPT_EXIT_CODE)
+    where = f"epoch {epoch}, iteration {iteration}" if iteration else f"the end of epoch {epoch}"
+    print(f"{preemption.signal_name}: saved checkpoint at {where}")
+    exit_for_requeue(dist.get_rank())
 
 
 def train(trainer: Trainer, loaders: Loaders, diag_batch, base_ds, logger, preemption) -> dict:
@@ -426,6 +438,9 @@ def cli(argv=None) -> int:
     except UserError as exc:
         print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training's handler is installed (or in --eval)
+        print("interrupted before training started; nothing saved", file=sys.stderr)
+        return INTERRUPT_EXIT_CODE
     finally:
         dist.cleanup()
     return 0

@@ -2,14 +2,17 @@
 limit and scancel, `timeout`, submitit's and --signal's USR signals, Ctrl-C in a terminal). The workers ignore
 them; the main process stops through the preemption path (util/preemption.py)."""
 import os
+import re
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.cli import Watched, run_main
+from tests.cli import CAP_S, REPO, Watched, run_main
 from tests.conftest import TINY_CLI
-from util.preemption import REQUEUE_EXIT_CODE
+from util.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
 
 STEPS = 20  # iterations of the epoch: --synthetic_train_size 40 / --batch_size 2
 
@@ -55,3 +58,50 @@ def test_group_signal_with_workers_saves_mid_epoch_and_exits_75(tmp_path, cli_sy
     assert f"{sig.name}: saved checkpoint at epoch 0, iteration" in output
     assert "DataLoader worker" not in output and "Traceback" not in output
     assert_resumes_mid_epoch(argv, out)
+
+
+INTERRUPTED = re.compile(r"^interrupted at epoch 0, iteration (\d+); checkpoint saved; continue with --resume auto$",
+                         re.M)
+
+
+def test_ctrl_c_saves_mid_epoch_prints_one_line_and_exits_130(tmp_path, cli_synthetic_root):
+    out = tmp_path / "run"
+    argv = flags(cli_synthetic_root, out)
+    code, output = stop_group_mid_epoch(argv, signal.SIGINT)  # a terminal's Ctrl-C: the foreground group
+    assert code == INTERRUPT_EXIT_CODE, output[-3000:]
+    lines = [line for line in output.splitlines() if "interrupt" in line.lower()]
+    assert len(lines) == 1 and INTERRUPTED.match(lines[0]), output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    assert int(INTERRUPTED.search(output).group(1)) == torch.load(out / "checkpoint.pth")["iteration"]
+    assert_resumes_mid_epoch(argv, out)
+
+
+SECOND_CTRL_C = """
+import os, signal
+from util.preemption import STOP_SIGNALS, PreemptionHandler
+handler = PreemptionHandler(STOP_SIGNALS)
+os.kill(os.getpid(), signal.SIGINT)
+assert handler.interrupted, "first Ctrl-C recorded"
+print("first recorded", flush=True)
+os.kill(os.getpid(), signal.SIGINT)
+print("still running after the second Ctrl-C", flush=True)
+"""
+
+
+@pytest.mark.quick
+def test_second_ctrl_c_exits_at_once():
+    result = subprocess.run([sys.executable, "-c", SECOND_CTRL_C], cwd=REPO, capture_output=True, text=True,
+                            timeout=CAP_S)
+    assert result.returncode == INTERRUPT_EXIT_CODE, result.stderr
+    assert result.stdout == "first recorded\n"
+    assert result.stderr == "interrupted again: exiting without saving\n"
+
+
+def test_ctrl_c_before_training_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import main
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(main, "main", interrupted)
+    assert main.cli(["--device", "cpu"]) == INTERRUPT_EXIT_CODE
+    assert capsys.readouterr().err == "interrupted before training started; nothing saved\n"
