@@ -327,8 +327,9 @@ def _save_detections(detections: list, path: Path) -> None:
     print(f"wrote {len(detections)} detections of {len({d['image_id'] for d in detections})} images to {path}")
 
 
-def _stop_for_requeue(trainer: Trainer, preemption, epoch: int, iteration: int, logger, metrics: dict) -> None:
-    trainer.save("checkpoint.pth", epoch, iteration=iteration, metrics=metrics)
+def _stop_for_requeue(trainer: Trainer, preemption, epoch: int, iteration: int, logger, metrics: dict,
+                      log_stats: Optional[dict] = None) -> None:
+    trainer.save("checkpoint.pth", epoch, iteration=iteration, log_stats=log_stats, metrics=metrics)
     logger.close()
     preemption.uninstall()
     # SystemExit below: main() releases the folder on its way out
@@ -356,6 +357,9 @@ def train(trainer: Trainer, loaders: Loaders, diag_batch, base_ds, logger, preem
     test_stats = {}
     # the last evaluation's metrics, carried by checkpoints: a resumed run that evaluates no more still has them
     metrics = dict(trainer.resumed_metrics or {})
+    if 0 < trainer.start_epoch >= args.epochs and not _evaluated(trainer.resumed_log_stats):
+        # the run ends with a checkpointed epoch that --eval_every skipped (--epochs lowered on resume)
+        test_stats, metrics = _evaluate_last_epoch(trainer, loader_val, base_ds, logger, voc_metric)
     for epoch in range(trainer.start_epoch, args.epochs):
         epoch_start = time.time()
         start_iter = trainer.start_iter if epoch == trainer.start_epoch else 0
@@ -402,11 +406,35 @@ def train(trainer: Trainer, loaders: Loaders, diag_batch, base_ds, logger, preem
             trainer.save(f"checkpoint{epoch:04}.pth", epoch, log_stats=log_stats, metrics=metrics)
         trainer.log_line(log_stats)
         if preemption.requested_on_any_rank(device):  # arrived during evaluation
-            _stop_for_requeue(trainer, preemption, epoch, 0, logger, metrics)
+            _stop_for_requeue(trainer, preemption, epoch, 0, logger, metrics, log_stats)
     logger.log_hparams(trainer.config, metrics)
     trainer.write_json("finished.json", {"epochs": args.epochs, "metrics": metrics})
     print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return test_stats
+
+
+def _evaluated(log_stats: Optional[dict]) -> bool:
+    return any(key.startswith("test_") for key in log_stats or {})
+
+
+def _evaluate_last_epoch(trainer: Trainer, loader_val, base_ds, logger, voc_metric: bool) -> tuple[dict, dict]:
+    """Evaluate the checkpointed last epoch; its checkpoint, log.txt line and events get the results."""
+    args, epoch = trainer.args, trainer.start_epoch - 1
+    print(f"epoch {epoch} is the last and was not evaluated: evaluating it")
+    test_stats, coco_stats = engine.evaluate(trainer.model, trainer.criterion, trainer.postprocessors, loader_val,
+                                             base_ds, trainer.device, amp=args.amp, coco_backend=args.coco_backend,
+                                             voc_metric=voc_metric)
+    metrics = engine.final_metrics(test_stats)
+    log_stats = {**(trainer.resumed_log_stats or {"epoch": epoch}), **{f"test_{k}": v for k, v in test_stats.items()}}
+    if voc_metric:
+        logger.log_voc(epoch, test_stats)
+    logger.log_coco(epoch, coco_stats)
+    logger.log_segmentation(epoch, test_stats)
+    trainer.save("checkpoint.pth", epoch, log_stats=log_stats, metrics=metrics)
+    if trainer.writes:  # the epoch's line without test_ keys goes, the evaluated one takes its place
+        _truncate_log(trainer.output_dir / "log.txt", epoch)
+        trainer.log_line(log_stats)
+    return test_stats, metrics
 
 
 def _one_line(message: str) -> str:

@@ -13,6 +13,8 @@ with 'mean ± std' over the group's n runs that logged the metric (sample standa
 range of epochs done (a run still training shows as 8-10) and the mean time per run. Without groups, one row
 per run:
     run | <each flag that differs between runs> | best <metric> | epoch of best | last <metric> | epochs done | time
+When a run folder holds eval.json (a later `main.py --eval --output_dir RUN`), a column '<metric> (eval.json)'
+shows that evaluation, apart from the training's own numbers.
 Epochs are counted as util/tb.py writes them: step = epochs done, so 'epoch of best' is 1-based.
 Runs still training, or that died early, show '-' where nothing was logged yet.
 
@@ -93,15 +95,24 @@ def compare_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[st
     """Header and rows (strings) of the per-run comparison; rows in the order of runs."""
     metric = resolve_metric(metric)
     flags = differing_flags([run.config for run in runs])
-    header = ["run", *flags, f"best {metric}", "epoch of best", f"last {metric}", "epochs done", "time"]
+    evaluated = any(run.evaluated for run in runs)
+    header = ["run", *flags, f"best {metric}", "epoch of best", f"last {metric}",
+              *([eval_column(metric)] if evaluated else []), "epochs done", "time"]
     rows = []
     for run in runs:
         summary = run.summary(metric)
         metric_cells = ([f"{summary[0]:.4f}", str(summary[1]), f"{summary[2]:.4f}"] if summary
                         else [MISSING] * 3)
+        if evaluated:
+            metric_cells.append(Stat([run.evaluated[metric]] if metric in run.evaluated else []).format(4))
         rows.append([run.name, *_flag_cells(run.config, flags), *metric_cells, str(run.epochs),
                      _format_time(run.total_time)])
     return header, rows
+
+
+def eval_column(metric: str) -> str:
+    """The column of a later ``main.py --eval --output_dir RUN`` (eval.json), apart from the training's own."""
+    return f"{metric} (eval.json)"
 
 
 @dataclass
@@ -141,16 +152,19 @@ def group_table(groups: list[Group], metric: str) -> tuple[list[str], list[list[
     """Header and rows (strings) of the per-group comparison (mean ± std over seeds)."""
     metric = resolve_metric(metric)
     flags = differing_flags([group.config for group in groups])
-    header = ["run", *flags, "seeds", "n", f"best {metric}", "epoch of best", f"last {metric}", "epochs done",
-              "time"]
+    evaluated = any(run.evaluated for group in groups for run in group.runs)
+    header = ["run", *flags, "seeds", "n", f"best {metric}", "epoch of best", f"last {metric}",
+              *([eval_column(metric)] if evaluated else []), "epochs done", "time"]
     rows = []
     for group in groups:
         stats = group_stats(group, metric)
         low, high = (min(stats["epochs"].values), max(stats["epochs"].values))
         epochs = f"{low:.0f}" if low == high else f"{low:.0f}-{high:.0f}"
+        eval_cell = [Stat([r.evaluated[metric] for r in group.runs if metric in r.evaluated]).format(4)]
         rows.append([group.name, *_flag_cells(group.config, flags), " ".join(map(format_value, group.seeds)),
                      str(stats["best"].n), stats["best"].format(4), stats["epoch"].format(1),
-                     stats["last"].format(4), epochs, _format_time(stats["time"].mean)])
+                     stats["last"].format(4), *(eval_cell if evaluated else []), epochs,
+                     _format_time(stats["time"].mean)])
     return header, rows
 
 
