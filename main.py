@@ -1,10 +1,17 @@
 """Train and evaluate DETR and its SMCA ablations. Flag names and defaults are DETR's, plus the ablation flags."""
-import argparse
+import sys
+
+if __name__ == "__main__":
+    # --help and a flag error answer before torch and the models are imported (seconds of CPU)
+    import options
+
+    options.parse_main(sys.argv[1:])
+
+import argparse  # the imports follow the early parse on purpose
 import datetime
 import functools
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +24,8 @@ from torch.utils.data.distributed import DistributedSampler
 import datasets
 import engine
 from models import build_model
-from options import (ablation_summary, check_args, format_config, get_args_parser,  # noqa: F401 (DETR's API)
-                     resolve_args)
+from options import (ablation_summary, check_args, default_device, format_config,  # noqa: F401 (DETR's API)
+                     get_args_parser, main_parser, parse_main, resolve_args)
 from util import checkpoint as ckpt
 from util import dist
 from util import run_config
@@ -210,6 +217,10 @@ def _truncate_log(path: Path, start_epoch: int, checkpointed: Optional[dict] = N
 
 def main(args, explicit=frozenset()):
     """Run training or evaluation. ``explicit``: the flag names the user passed (see util.checkpoint)."""
+    if args.device is None:  # a namespace parsed without check_args (slurm/common.py)
+        args.device = default_device()
+    if not args.output_dir and not args.eval and dist.is_main_process():
+        print("no --output_dir: nothing of this run will be saved", file=sys.stderr)
     dist.init_distributed_mode(args)
     print(f"world size: {dist.get_world_size()} (rank {dist.get_rank()})")
     if args.device == "cpu" and dist.get_world_size() > 1:
@@ -308,7 +319,10 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
                                what="config.json")
         # what an interrupted attempt logged past the checkpoint (or, with none, at all) is redone
         _truncate_log(folder.path / "log.txt", trainer.start_epoch, trainer.resumed_log_stats)
-    logger = RunLogger(args.output_dir, enabled=dist.is_main_process(), purge_step=trainer.tb_step)
+    # a resumed run with nothing left to train or evaluate adds no (empty) events file
+    idle = trainer.start_epoch >= args.epochs and _evaluated(trainer.resumed_log_stats)
+    logger = RunLogger(None if idle else args.output_dir, enabled=dist.is_main_process(),
+                       purge_step=trainer.tb_step)
     logger.log_hparams(config, {})
     # under submitit, its own handler checkpoints and requeues (via slurm/submit.py's checkpoint()); Ctrl-C is ours
     submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))
@@ -446,21 +460,10 @@ def _one_line(message: str) -> str:
     return last.split("UserError: ", 1)[-1]
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """A bad flag is one line on stderr and exit code 2, like every other input error (no usage dump)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (python main.py --help lists the flags)\n")
-
-
 def cli(argv=None) -> int:
-    parser = _OneLineParser("python main.py", parents=[get_args_parser()], allow_abbrev=False)
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except UserError as exc:
-        parser.error(str(exc))
+    args = parse_main(argv)
+    parser = main_parser()
     try:
         main(args, run_config.explicit_flags(parser, argv))
     except UserError as exc:

@@ -39,7 +39,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import plot_logs
-from experiments.runs import MISSING, PER_RUN_FLAGS, Group, Run, format_value, group_runs, load_runs
+from experiments.runs import MISSING, Group, Run, format_value, group_runs, load_runs, per_run_flags
 from util.errors import UserError
 from util.tb import COCO_METRIC_NAMES, METRIC_TAGS, PANOPTIC_METRIC_NAMES
 
@@ -76,7 +76,7 @@ def metric_label(metric: str) -> str:
 def differing_flags(configs: list[dict]) -> list[str]:
     """Flags whose value is not the same in every non-empty config (a missing flag differs)."""
     configs = [c for c in configs if c]
-    names = sorted(set().union(*configs) - PER_RUN_FLAGS) if configs else []
+    names = sorted(set().union(*configs) - per_run_flags()) if configs else []
     return [n for n in names if len({format_value(c.get(n, MISSING)) for c in configs}) > 1]
 
 

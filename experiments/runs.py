@@ -15,13 +15,18 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from options import BOOKKEEPING_FLAGS
-from util.dist import RUNTIME_KEYS
 from util.errors import UserError
 from util.tb import COCO_METRIC_NAMES, EVAL_TAG_PREFIXES, METRIC_TAGS, hparam_value, panoptic_metrics
 
-# what compare.py neither shows as a column nor lets keep two seeds apart: the flags marked bookkeeping where
-# they are defined (options.py) and the per-process values main.py stores beside the flags
-PER_RUN_FLAGS = frozenset(BOOKKEEPING_FLAGS) | frozenset(RUNTIME_KEYS)
+
+
+def per_run_flags() -> frozenset:
+    """What compare.py neither shows as a column nor lets keep two seeds apart: the flags marked bookkeeping where
+    they are defined (options.py) and the per-process values main.py stores beside the flags (util.dist, which
+    imports torch: loaded when runs are compared, not for --help)."""
+    from util.dist import RUNTIME_KEYS
+
+    return frozenset(BOOKKEEPING_FLAGS) | frozenset(RUNTIME_KEYS)
 SEED_FLAG = "seed"
 MISSING = "-"
 EVAL_JSON = "eval.json"  # what main.py --eval --output_dir RUN writes: evaluate()'s stats
@@ -193,7 +198,8 @@ def format_value(value) -> str:
 
 
 def _group_key(run: Run):
-    flags = {k: format_value(v) for k, v in run.config.items() if k not in PER_RUN_FLAGS and k != SEED_FLAG}
+    per_run = per_run_flags()
+    flags = {k: format_value(v) for k, v in run.config.items() if k not in per_run and k != SEED_FLAG}
     return tuple(sorted(flags.items()))
 
 
