@@ -18,6 +18,9 @@ shows that evaluation, apart from the training's own numbers.
 Epochs are counted as util/tb.py writes them: step = epochs done, so 'epoch of best' is 1-based.
 Runs still training, or that died early, show '-' where nothing was logged yet.
 
+The printed table leaves out what --all_columns adds: flags whose values are paths (data folders, checkpoints),
+'epochs done' and 'time' (a line after the table names them; the CSVs hold every column).
+
 Flag values come from the run's config.json, the latest start's (experiments/runs.py reads the runs).
 
 Files, in --out (default: the sweep root given, or the folder holding the given run folders, never a run
@@ -44,6 +47,8 @@ from util.errors import UserError
 from util.tb import COCO_METRIC_NAMES, METRIC_TAGS, PANOPTIC_METRIC_NAMES
 
 PLOTS = ("metric", "loss")
+# columns the printed table shows only with --all_columns (besides flags whose values are paths)
+DETAIL_COLUMNS = ("epochs done", "time")
 
 
 def default_out(paths: list[str], runs: list[Run]) -> str:
@@ -78,6 +83,19 @@ def differing_flags(configs: list[dict]) -> list[str]:
     configs = [c for c in configs if c]
     names = sorted(set().union(*configs) - per_run_flags()) if configs else []
     return [n for n in names if len({format_value(c.get(n, MISSING)) for c in configs}) > 1]
+
+
+def path_flags(configs: list[dict]) -> set:
+    """Flags with a path among their values (a data folder, a checkpoint): long, and rarely what an ablation varies."""
+    return {name for config in configs for name, value in config.items()
+            if isinstance(value, str) and os.sep in value}
+
+
+def default_columns(header: list[str], rows: list[list[str]], hidden: set) -> tuple[list[str], list[list[str]], list]:
+    """The table without the ``hidden`` columns, and the names of those it had."""
+    keep = [i for i, name in enumerate(header) if name not in hidden]
+    dropped = [name for name in header if name in hidden]
+    return [header[i] for i in keep], [[row[i] for i in keep] for row in rows], dropped
 
 
 def _format_time(seconds: float | None) -> str:
@@ -271,6 +289,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="around a group's mean curve: ±1 sample std (default), min-max, or none")
     parser.add_argument("--x", choices=plot_logs.X_AXES, default="epoch", help="x axis of --plot loss")
     parser.add_argument("--per_run", action="store_true", help="print one row per run even when runs are grouped")
+    parser.add_argument("--all_columns", action="store_true",
+                        help="also print flags with path values, epochs done and time")
     return parser
 
 
@@ -298,12 +318,17 @@ def main(argv: list[str] | None = None) -> None:
     if "loss" in args.plot:
         written.append(os.path.join(out, "compare_loss.png"))
         plot_loss(written[-1], groups, args.band, args.x)
+    hidden = set() if args.all_columns else {*DETAIL_COLUMNS, *path_flags([run.config for run in runs])}
     if grouped and not args.per_run:
-        print(format_markdown(*group_table(groups, metric)))
+        shown, shown_rows, dropped = default_columns(*group_table(groups, metric), hidden)
+        print(format_markdown(shown, shown_rows))
         print(f"\nmean ± sample std over the n runs of each group (runs that differ only in --seed); "
               f"one row per run: --per_run or compare.csv")
     else:
-        print(format_markdown(header, rows))
+        shown, shown_rows, dropped = default_columns(header, rows, hidden)
+        print(format_markdown(shown, shown_rows))
+    if dropped:
+        print(f"not shown: {', '.join(dropped)} (--all_columns, or the CSVs)")
     for group in groups:
         repeated = sorted({format_value(s) for s in group.seeds if group.seeds.count(s) > 1})
         if len(group.runs) > 1 and repeated:
