@@ -219,8 +219,6 @@ def main(args, explicit=frozenset()):
     """Run training or evaluation. ``explicit``: the flag names the user passed (see util.checkpoint)."""
     if args.device is None:  # a namespace parsed without check_args (slurm/common.py)
         args.device = default_device()
-    if not args.output_dir and not args.eval and dist.is_main_process():
-        print("no --output_dir: nothing of this run will be saved", file=sys.stderr)
     dist.init_distributed_mode(args)
     print(f"world size: {dist.get_world_size()} (rank {dist.get_rank()})")
     if args.device == "cpu" and dist.get_world_size() > 1:
@@ -319,6 +317,8 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
                                what="config.json")
         # what an interrupted attempt logged past the checkpoint (or, with none, at all) is redone
         _truncate_log(folder.path / "log.txt", trainer.start_epoch, trainer.resumed_log_stats)
+    elif folder is None and dist.is_main_process():  # once the inputs are checked: an error stays one line
+        print("no --output_dir: nothing of this run will be saved", file=sys.stderr)
     # a resumed run with nothing left to train or evaluate adds no (empty) events file
     idle = trainer.start_epoch >= args.epochs and _evaluated(trainer.resumed_log_stats)
     logger = RunLogger(None if idle else args.output_dir, enabled=dist.is_main_process(),
