@@ -17,8 +17,9 @@ def table(stdout):
 def mixed(tmp_path):
     """Two ablations of two seeds each, trained on different data folders (a path flag that differs)."""
     root = tmp_path / "mixed"
-    for name, scale, seed, data, ap in (("a/seed0", "none", 0, "/data/x", 0.1), ("a/seed1", "none", 1, "/data/x", 0.3),
-                                        ("b/seed0", "type2", 0, "/data/y", 0.5), ("b/seed1", "type2", 1, "/data/y", 0.7)):
+    runs = (("a/seed0", "none", 0, "/data/x", 0.1), ("a/seed1", "none", 1, "/data/x", 0.3),
+            ("b/seed0", "type2", 0, "/data/y", 0.5), ("b/seed1", "type2", 1, "/data/y", 0.7))
+    for name, scale, seed, data, ap in runs:
         write_run(str(root / name), {**BASE_CONFIG, "dynamic_scale": scale, "seed": seed, "coco_path": data},
                   [ap / 2, ap], [60.0, 60.0])
     return root
