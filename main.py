@@ -317,8 +317,9 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
                                what="config.json")
         # what an interrupted attempt logged past the checkpoint (or, with none, at all) is redone
         _truncate_log(folder.path / "log.txt", trainer.start_epoch, trainer.resumed_log_stats)
-    elif folder is None and dist.is_main_process():  # once the inputs are checked: an error stays one line
-        print("no --output_dir: nothing of this run will be saved", file=sys.stderr)
+    elif folder is None and dist.is_main_process():
+        # on stdout, with the progress: stderr stays the one line of an error
+        print("no --output_dir: nothing of this run will be saved")
     # a resumed run with nothing left to train or evaluate adds no (empty) events file
     idle = trainer.start_epoch >= args.epochs and _evaluated(trainer.resumed_log_stats)
     logger = RunLogger(None if idle else args.output_dir, enabled=dist.is_main_process(),

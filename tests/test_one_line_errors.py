@@ -49,8 +49,8 @@ def test_attention_without_a_detection_says_so(tiny_checkpoint, tmp_path, capsys
 
 def test_no_output_dir_warns_once(cli_synthetic_root, capsys):
     assert main.cli([*TINY_CLI, "--synthetic_root", cli_synthetic_root, "--epochs", "1"]) == 0
-    err = capsys.readouterr().err
-    assert [line for line in err.splitlines() if "output_dir" in line] == [
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if "output_dir" in line] == [
         "no --output_dir: nothing of this run will be saved"]
 
 
