@@ -1,10 +1,17 @@
 """Train and evaluate DETR and its SMCA ablations. Flag names and defaults are DETR's, plus the ablation flags."""
-import argparse
+import sys
+
+if __name__ == "__main__":
+    # --help and a flag error answer before torch and the models are imported (seconds of CPU)
+    import options
+
+    options.parse_main(sys.argv[1:])
+
+import argparse  # the imports follow the early parse on purpose
 import datetime
 import functools
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +24,12 @@ from torch.utils.data.distributed import DistributedSampler
 import datasets
 import engine
 from models import build_model
-from options import (ARCH_FLAGS, ablation_summary, check_args, format_config,  # noqa: F401 (DETR's API)
-                     get_args_parser, resolve_args)
+from options import (ARCH_FLAGS, ablation_summary, check_args, default_device,  # noqa: F401 (DETR's API)
+                     format_config, get_args_parser, main_parser, parse_main, resolve_args)
 from rundir import checkpoint as ckpt
 from rundir import checkpoint_space, run_config, run_folder
-from rundir.preemption import PREEMPTION_SIGNALS, PreemptionHandler, exit_for_requeue
+from rundir.preemption import (INTERRUPT_EXIT_CODE, PREEMPTION_SIGNALS, STOP_SIGNALS, PreemptionHandler,
+                               SignalSafeLoader, exit_for_requeue)
 from util import dist
 from util.errors import UserError
 from util.misc import collate_fn, seed_everything
@@ -86,8 +94,8 @@ def _collate(args):
 @dataclass
 class Loaders:
     sampler_train: engine.ResumableSampler
-    train: DataLoader
-    val: DataLoader
+    train: SignalSafeLoader
+    val: SignalSafeLoader
 
 
 def _loaders(args, dataset_train, dataset_val) -> Loaders:
@@ -98,9 +106,11 @@ def _loaders(args, dataset_train, dataset_val) -> Loaders:
                                             seed=args.seed)
     sampler_val = _val_sampler(dataset_val)
     common = dict(collate_fn=_collate(args), num_workers=args.num_workers, persistent_workers=False)
-    loader_train = DataLoader(dataset_train, batch_size=args.batch_size, sampler=sampler_train, drop_last=True,
+    # workers ignore the signals a launcher sends to the whole process group; the main process acts on them
+    loader_train = SignalSafeLoader(dataset_train, batch_size=args.batch_size, sampler=sampler_train, drop_last=True,
                               **common)
-    loader_val = DataLoader(dataset_val, batch_size=args.batch_size, sampler=sampler_val, drop_last=False, **common)
+    loader_val = SignalSafeLoader(dataset_val, batch_size=args.batch_size, sampler=sampler_val, drop_last=False,
+                                  **common)
     if len(loader_train) == 0:
         raise UserError(f"the training set has {len(dataset_train)} images, fewer than --batch_size "
                         f"{args.batch_size} x {world} processes; lower --batch_size")
@@ -207,6 +217,8 @@ def _truncate_log(path: Path, start_epoch: int, checkpointed: Optional[dict] = N
 
 def main(args, explicit=frozenset()):
     """Run training or evaluation. ``explicit``: the flag names the user passed (see rundir.checkpoint)."""
+    if args.device is None:  # a namespace parsed without check_args (slurm/common.py)
+        args.device = default_device()
     dist.init_distributed_mode(args)
     print(f"world size: {dist.get_world_size()} (rank {dist.get_rank()})")
     if args.device == "cpu" and dist.get_world_size() > 1:
@@ -274,8 +286,8 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
     datasets.check_split(dataset_val, "val", need_annotations=True)
     base_ds = datasets.get_coco_api_from_dataset(dataset_val)
     if args.eval:
-        loader_val = DataLoader(dataset_val, batch_size=args.batch_size, collate_fn=_collate(args),
-                                num_workers=args.num_workers, sampler=_val_sampler(dataset_val))
+        loader_val = SignalSafeLoader(dataset_val, batch_size=args.batch_size, collate_fn=_collate(args),
+                                      num_workers=args.num_workers, sampler=_val_sampler(dataset_val))
         evaluator = engine.coco_evaluator(base_ds, postprocessors, args.coco_backend)
         stats, _ = engine.evaluate(model, criterion, postprocessors, loader_val, base_ds, device, amp=args.amp,
                                    coco_backend=args.coco_backend, voc_metric=datasets.uses_voc_metric(dataset_val),
@@ -313,10 +325,18 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
                                what="config.json")
         # what an interrupted attempt logged past the checkpoint (or, with none, at all) is redone
         _truncate_log(folder.path / "log.txt", trainer.start_epoch, trainer.resumed_log_stats)
-    logger = RunLogger(args.output_dir, enabled=dist.is_main_process(), purge_step=trainer.tb_step)
+    elif folder is None and dist.is_main_process():
+        # on stdout, with the progress: stderr stays the one line of an error
+        print("no --output_dir: nothing of this run will be saved")
+    # a resumed run with nothing left to train or evaluate adds no (empty) events file
+    idle = trainer.start_epoch >= args.epochs and _evaluated(trainer.resumed_log_stats)
+    logger = RunLogger(None if idle else args.output_dir, enabled=dist.is_main_process(),
+                       purge_step=trainer.tb_step)
     logger.log_hparams(config, {})
-    # under submitit, its own handler checkpoints and requeues (via slurm/submit.py's checkpoint())
-    preemption = PreemptionHandler(signals=() if os.environ.get("SUBMITIT_EXECUTOR") else PREEMPTION_SIGNALS)
+    # under submitit, its own handler checkpoints and requeues (via slurm/submit.py's checkpoint()); Ctrl-C is ours
+    submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))
+    preemption = PreemptionHandler(signals=tuple(sig for sig in STOP_SIGNALS
+                                                 if not (submitit and sig in PREEMPTION_SIGNALS)))
     try:
         return train(trainer, loaders, diag_batch, base_ds, logger, preemption)
     finally:
@@ -330,13 +350,23 @@ def _save_detections(detections: list, path: Path) -> None:
     print(f"wrote {len(detections)} detections of {len({d['image_id'] for d in detections})} images to {path}")
 
 
-def _stop_for_requeue(trainer: Trainer, preemption, epoch: int, iteration: int, logger, metrics: dict) -> None:
-    trainer.save("checkpoint.pth", epoch, iteration=iteration, metrics=metrics)
-    where = f"epoch {epoch}, iteration {iteration}" if iteration else f"the end of epoch {epoch}"
-    print(f"{preemption.signal_name}: saved checkpoint at {where}")
+def _stop_for_requeue(trainer: Trainer, preemption, epoch: int, iteration: int, logger, metrics: dict,
+                      log_stats: Optional[dict] = None) -> None:
+    trainer.save("checkpoint.pth", epoch, iteration=iteration, log_stats=log_stats, metrics=metrics)
     logger.close()
     preemption.uninstall()
-    exit_for_requeue(dist.get_rank())  # SystemExit: main() releases the folder on its way out
+    # SystemExit below: main() releases the folder on its way out
+    if preemption.interrupted:  # Ctrl-C: the user stopped it, nothing to requeue
+        if dist.is_main_process():
+            # where a resume continues: the next epoch's start after a finished epoch
+            at = f"epoch {epoch}, iteration {iteration}" if iteration else f"epoch {epoch + 1}, iteration 0"
+            saved = ("checkpoint saved; continue with --resume auto" if trainer.writes
+                     else "nothing saved (no --output_dir)")
+            print(f"interrupted at {at}; {saved}", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPT_EXIT_CODE)
+    where = f"epoch {epoch}, iteration {iteration}" if iteration else f"the end of epoch {epoch}"
+    print(f"{preemption.signal_name}: saved checkpoint at {where}")
+    exit_for_requeue(dist.get_rank())
 
 
 def train(trainer: Trainer, loaders: Loaders, diag_batch, base_ds, logger, preemption) -> dict:
@@ -350,6 +380,9 @@ def train(trainer: Trainer, loaders: Loaders, diag_batch, base_ds, logger, preem
     test_stats = {}
     # the last evaluation's metrics, carried by checkpoints: a resumed run that evaluates no more still has them
     metrics = dict(trainer.resumed_metrics or {})
+    if 0 < trainer.start_epoch >= args.epochs and not _evaluated(trainer.resumed_log_stats):
+        # the run ends with a checkpointed epoch that --eval_every skipped (--epochs lowered on resume)
+        test_stats, metrics = _evaluate_last_epoch(trainer, loader_val, base_ds, logger, voc_metric)
     for epoch in range(trainer.start_epoch, args.epochs):
         epoch_start = time.time()
         start_iter = trainer.start_iter if epoch == trainer.start_epoch else 0
@@ -396,11 +429,35 @@ def train(trainer: Trainer, loaders: Loaders, diag_batch, base_ds, logger, preem
             trainer.save(f"checkpoint{epoch:04}.pth", epoch, log_stats=log_stats, metrics=metrics)
         trainer.log_line(log_stats)
         if preemption.requested_on_any_rank(device):  # arrived during evaluation
-            _stop_for_requeue(trainer, preemption, epoch, 0, logger, metrics)
+            _stop_for_requeue(trainer, preemption, epoch, 0, logger, metrics, log_stats)
     logger.log_hparams(trainer.config, metrics)
     trainer.write_json("finished.json", {"epochs": args.epochs, "metrics": metrics})
     print(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return test_stats
+
+
+def _evaluated(log_stats: Optional[dict]) -> bool:
+    return any(key.startswith("test_") for key in log_stats or {})
+
+
+def _evaluate_last_epoch(trainer: Trainer, loader_val, base_ds, logger, voc_metric: bool) -> tuple[dict, dict]:
+    """Evaluate the checkpointed last epoch; its checkpoint, log.txt line and events get the results."""
+    args, epoch = trainer.args, trainer.start_epoch - 1
+    print(f"epoch {epoch} is the last and was not evaluated: evaluating it")
+    test_stats, coco_stats = engine.evaluate(trainer.model, trainer.criterion, trainer.postprocessors, loader_val,
+                                             base_ds, trainer.device, amp=args.amp, coco_backend=args.coco_backend,
+                                             voc_metric=voc_metric)
+    metrics = engine.final_metrics(test_stats)
+    log_stats = {**(trainer.resumed_log_stats or {"epoch": epoch}), **{f"test_{k}": v for k, v in test_stats.items()}}
+    if voc_metric:
+        logger.log_voc(epoch, test_stats)
+    logger.log_coco(epoch, coco_stats)
+    logger.log_segmentation(epoch, test_stats)
+    trainer.save("checkpoint.pth", epoch, log_stats=log_stats, metrics=metrics)
+    if trainer.writes:  # the epoch's line without test_ keys goes, the evaluated one takes its place
+        _truncate_log(trainer.output_dir / "log.txt", epoch)
+        trainer.log_line(log_stats)
+    return test_stats, metrics
 
 
 def _one_line(message: str) -> str:
@@ -412,27 +469,19 @@ def _one_line(message: str) -> str:
     return last.split("UserError: ", 1)[-1]
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """A bad flag is one line on stderr and exit code 2, like every other input error (no usage dump)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (python main.py --help lists the flags)\n")
-
-
 def cli(argv=None) -> int:
-    parser = _OneLineParser("python main.py", parents=[get_args_parser()], allow_abbrev=False)
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
-    try:
-        check_args(args)
-    except UserError as exc:
-        parser.error(str(exc))
+    args = parse_main(argv)
+    parser = main_parser()
     try:
         main(args, run_config.explicit_flags(parser, argv))
     except UserError as exc:
         # one line per finding (the annotation check can report several)
         print("\n".join(f"error: {line}" for line in _one_line(str(exc)).splitlines()), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training's handler is installed (or in --eval)
+        print("interrupted before training started; nothing saved", file=sys.stderr)
+        return INTERRUPT_EXIT_CODE
     finally:
         dist.cleanup()
     return 0

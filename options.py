@@ -13,16 +13,14 @@ import argparse
 import math
 import os
 
-import torch
-
-import datasets
-from datasets.coco_eval import COCO_BACKENDS
-from models import resolve_cls_loss
-from models.postprocess_segm import PANOPTIC_THRESHOLDS
-from models.segmentation import MASK_HEAD_NARROWING
-from rundir import lease, run_folder
+from rundir import lease
 from util.errors import UserError
 
+# torch, the models and the datasets are imported only after parsing (in the functions that need them), so
+# --help and a flag error answer at once (tests/test_fast_cli.py). The names the parser offers are therefore
+# spelled here; tests/test_fast_cli.py checks them against datasets.DATASETS and datasets.coco_eval.COCO_BACKENDS.
+DATASET_NAMES = ("coco", "coco_panoptic", "voc", "synthetic", "synthetic_panoptic")
+COCO_BACKEND_NAMES = ("faster_coco_eval", "pycocotools")
 DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
 PRIOR_IMPLS = ("fused", "explicit")  # models/spatial_prior.py
 # multi-scale SMCA (docs/multiscale-smca.md): feature strides per --ms_levels value, plain tuples so --help stays light
@@ -36,10 +34,70 @@ ENC_PATTERN_LAYERS = "IM"  # --enc_pattern letters: I intra-scale, M multi-scale
 MS_DEFAULTS = {"ms_encoder": "attn", "enc_pattern": "", "intra_share": 1, "level_embed": 1, "scale_select": "softmax",
                "ms_prior": "shared"}
 COCO_PATH_FLAGS = ("train_images", "train_ann", "val_images", "val_ann")
-# defaults that depend on the classification loss: (ce, focal); focal's are the research code's
-LOSS_DEFAULTS = {"ce": {"cls_loss_coef": 1.0, "set_cost_class": 1.0, "panoptic_threshold": PANOPTIC_THRESHOLDS["ce"]},
-                 "focal": {"cls_loss_coef": 2.0, "set_cost_class": 2.0,
-                           "panoptic_threshold": PANOPTIC_THRESHOLDS["focal"]}}
+
+
+def loss_defaults(cls_loss: str) -> dict:
+    """Defaults that depend on the classification loss ('ce' or 'focal'); focal's are the research code's."""
+    from models.postprocess_segm import PANOPTIC_THRESHOLDS
+
+    coefficient = {"ce": 1.0, "focal": 2.0}[cls_loss]
+    return {"cls_loss_coef": coefficient, "set_cost_class": coefficient,
+            "panoptic_threshold": PANOPTIC_THRESHOLDS[cls_loss]}
+
+
+# Names from the SMCA research code and the paper that are not this project's flags: an unknown-flag error names
+# the flag to use instead. Never accepted in their place: a run's flags stay one spelling (config.json, sweeps).
+ALIASES = {
+    "--focal_loss": "--cls_loss focal",
+    "--sigmoid_focal_loss": "--cls_loss focal",
+    "--beta": "--smooth",  # the paper's bandwidth of the Gaussian-like prior
+    "--num_query": "--num_queries",
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line on stderr and exit code 2, like every other input error (no usage dump); an unknown
+    flag names the real flag of an ALIASES name, else the closest flag names."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{self.suggestions(unknown)}")
+        return parsed
+
+    def suggestions(self, unknown: list) -> str:
+        import difflib
+
+        flags = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        hints = []
+        for word in (w.split("=", 1)[0] for w in unknown if w.startswith("--")):
+            if word in ALIASES:
+                hints.append(f"the SMCA code's {word} is {ALIASES[word]} here")
+            else:
+                close = difflib.get_close_matches(word, flags, n=3, cutoff=0.7)
+                if close:
+                    hints.append(f"{word}: did you mean {' or '.join(close)}?")
+        return "".join(f"; {hint}" for hint in hints)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} ({self.prog} --help lists the flags)\n")
+
+
+def main_parser() -> OneLineParser:
+    """main.py's command line."""
+    return OneLineParser("python main.py", parents=[get_args_parser()], allow_abbrev=False)
+
+
+def parse_main(argv: list) -> argparse.Namespace:
+    """main.py's flags, checked (a one-line error and exit 2 on a bad one); needs no torch unless --device is
+    left to its default or names CUDA, so --help and flag errors answer at once."""
+    parser = main_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except UserError as exc:
+        parser.error(str(exc))
+    return args
 
 
 def architecture(action: argparse.Action) -> argparse.Action:
@@ -209,7 +267,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "default 0.85 on the softmax (ce, DETR), 0.5 on the best sigmoid (focal)")
 
     # data (docs/data.md)
-    parser.add_argument("--dataset_file", default=None, choices=datasets.DATASETS,
+    parser.add_argument("--dataset_file", default=None, choices=DATASET_NAMES,
                         help="default: coco_panoptic when --coco_panoptic_path is given, coco when --coco_path or a "
                              "--train_*/--val_* path is (DETR's commands), voc when --voc_path is, else the embedded "
                              "synthetic set (its panoptic version with --masks)")
@@ -257,7 +315,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # run
     books("--output_dir", default="", help="where to save checkpoints, logs and event files")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--seed", default=42, type=int)
     books("--resume", default="", help="checkpoint path, https URL, or 'auto' (<output_dir>/checkpoint.pth if present)")
     parser.add_argument("--finetune_from", default="", help="load model weights only (heads that do not fit are re-initialised)")
@@ -277,7 +335,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval_untrained", action="store_true",
                         help="allow --eval without --resume: score the untrained model on purpose")
     parser.add_argument("--eval_every", default=1, type=int, help="evaluate every N epochs (and after the last)")
-    books("--coco_backend", default="faster_coco_eval", choices=COCO_BACKENDS,
+    books("--coco_backend", default="faster_coco_eval", choices=COCO_BACKEND_NAMES,
                         help="COCO scoring: faster_coco_eval (C++, same 12 numbers, several times faster) or "
                              "pycocotools (the reference)")
     parser.add_argument("--num_workers", default=2, type=int)
@@ -321,17 +379,16 @@ def check_args(args) -> None:
         raise UserError("--frozen_weights trains DETR's mask head on a frozen detector and needs --masks")
     if args.frozen_weights and args.finetune_from:
         raise UserError("--frozen_weights and --finetune_from both give the detector its weights; pass one")
-    if args.masks and args.hidden_dim < MASK_HEAD_NARROWING:
-        raise UserError(f"--masks: the mask head narrows --hidden_dim by {MASK_HEAD_NARROWING}; "
-                        f"--hidden_dim {args.hidden_dim} is smaller")
+    if args.masks:
+        from models.segmentation import MASK_HEAD_NARROWING
+
+        if args.hidden_dim < MASK_HEAD_NARROWING:
+            raise UserError(f"--masks: the mask head narrows --hidden_dim by {MASK_HEAD_NARROWING}; "
+                            f"--hidden_dim {args.hidden_dim} is smaller")
     if args.dilation and args.backbone in ("resnet18", "resnet34"):
         raise UserError(f"--dilation needs a bottleneck ResNet (resnet50 or resnet101); torchvision's "
                         f"{args.backbone} blocks do not support dilation")
     _check_multiscale(args)
-    if args.amp and not args.device.startswith("cuda"):
-        raise UserError(f"--amp uses bf16 autocast on CUDA; --device is {args.device}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} but CUDA is not available; use --device cpu")
     if min(args.skip_nonfinite, args.max_iters_per_epoch, args.start_epoch, args.num_workers) < 0:
         raise UserError("--skip_nonfinite, --max_iters_per_epoch, --start_epoch and --num_workers must be >= 0")
     if args.eval and not (args.resume or args.finetune_from or args.eval_untrained):
@@ -339,7 +396,7 @@ def check_args(args) -> None:
                         "--finetune_from PATH), or --eval_untrained to score the untrained model on purpose")
     if args.overwrite and args.eval:
         raise UserError("--overwrite starts a new training run in --output_dir; it has no meaning with --eval")
-    if args.overwrite and args.output_dir and run_folder.continues_folder(args):
+    if args.overwrite and args.output_dir and _continues_folder(args):
         raise UserError(f"--overwrite starts over but --resume {args.resume} continues the run in --output_dir; "
                         f"pass one of them")
     if args.save_detections and not (args.eval and args.output_dir):
@@ -348,6 +405,25 @@ def check_args(args) -> None:
     if args.resume and args.finetune_from:
         raise UserError("--resume and --finetune_from exclude each other: resume continues a run, "
                         "finetune_from starts a new one from another run's weights")
+    # last: these import torch (CUDA), the checks above answer without it
+    if args.device is None:
+        args.device = default_device()
+    if args.amp and not args.device.startswith("cuda"):
+        raise UserError(f"--amp uses bf16 autocast on CUDA; --device is {args.device}")
+    if args.device.startswith("cuda") and default_device() != "cuda":
+        raise UserError(f"--device {args.device} but CUDA is not available; use --device cpu")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _continues_folder(args) -> bool:
+    from rundir import run_folder
+
+    return run_folder.continues_folder(args)
 
 
 def _check_multiscale(args) -> None:
@@ -428,8 +504,10 @@ def _inferred_dataset_file(args) -> str:
 
 def resolve_loss(args) -> None:
     """cls_loss auto -> focal with a spatial prior, ce without; loss-dependent defaults for coefficients."""
+    from models import resolve_cls_loss
+
     args.cls_loss = resolve_cls_loss(args.cls_loss, args.dynamic_scale)
-    for name, value in LOSS_DEFAULTS[args.cls_loss].items():
+    for name, value in loss_defaults(args.cls_loss).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
 
@@ -439,14 +517,19 @@ def resolve_args(args) -> None:
     check_args(args)
     resolve_loss(args)
     if args.num_classes is None:
+        import datasets
+
         args.num_classes = datasets.num_classes_for(args)
 
 
 def _automatic_values(args) -> dict:
     """What the 'auto' / None defaults resolve to for these flags (resolve_loss, check_args)."""
+    from models import resolve_cls_loss
+
     cls_loss = resolve_cls_loss("auto", args.dynamic_scale)
-    coefficients = LOSS_DEFAULTS[args.cls_loss if args.cls_loss in LOSS_DEFAULTS else cls_loss]
-    return {"cls_loss": cls_loss, **coefficients, "dataset_file": _inferred_dataset_file(args)}
+    coefficients = loss_defaults(args.cls_loss if args.cls_loss in ("ce", "focal") else cls_loss)
+    return {"cls_loss": cls_loss, **coefficients, "dataset_file": _inferred_dataset_file(args),
+            "device": default_device()}
 
 
 def format_config(args) -> str:

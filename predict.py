@@ -22,20 +22,6 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-from PIL import Image
-
-from datasets.class_names import class_name
-from datasets.images import ImageDecodeError, load_rgb
-from inference import Detector, load_detector, load_onnx_detector
-from models.attention_maps import co_attention_maps
-from rundir.checkpoint import atomic_write_text
-from util.box_ops import box_cxcywh_to_xyxy
-from util.errors import UserError
-from util.misc import nested_tensor_from_tensor_list
-from visualize import (AttentionRow, class_colour, draw_detections, draw_panoptic, plot_attention,
-                            query_panels)
-
 # Sigmoid (focal) scores run lower than softmax ones: a focal model's good detections often score 0.4-0.6,
 # which DETR's 0.7 would hide. 0.3 is the usual cut for focal-loss DETRs' pictures.
 DEFAULT_THRESHOLDS = {"ce": 0.7, "focal": 0.3}
@@ -57,8 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=None,
                         help="keep detections scoring at least this (0 keeps all: COCO-evaluable results); "
                              "default 0.7 for a softmax classifier (DETR), 0.3 for a focal one")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda if available, else cpu")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--attention", action="store_true",
                         help="also draw the co-attention (and SMCA's spatial prior) of the top detections")
     parser.add_argument("--attention_top", type=int, default=3, help="detections per attention figure")
@@ -71,6 +56,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+if __name__ == "__main__":
+    # --help and a flag error answer before torch and the models are imported (seconds of CPU)
+    get_args_parser().parse_args(sys.argv[1:])
+
+# the imports follow the early parse on purpose
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from datasets.class_names import class_name  # noqa: E402
+from datasets.images import ImageDecodeError, load_rgb  # noqa: E402
+from inference import Detector, load_detector, load_onnx_detector  # noqa: E402
+from models.attention_maps import co_attention_maps  # noqa: E402
+from rundir.checkpoint import atomic_write_text  # noqa: E402
+from util.box_ops import box_cxcywh_to_xyxy  # noqa: E402
+from util.errors import UserError  # noqa: E402
+from util.misc import nested_tensor_from_tensor_list  # noqa: E402
+from visualize import (AttentionRow, class_colour, draw_detections, draw_panoptic, plot_attention,  # noqa: E402
+                       query_panels)
+
+
 def check_args(args) -> None:
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise UserError(f"--threshold must be in [0, 1], got {args.threshold}")
@@ -79,6 +84,8 @@ def check_args(args) -> None:
     if args.onnx and args.attention:
         raise UserError("--attention reads the PyTorch model's attention with hooks; an --onnx graph has none: "
                         "pass the checkpoint with --resume instead")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} but CUDA is not available; use --device cpu")
 
@@ -248,6 +255,9 @@ def run_one(detector: Detector, image: Image.Image, image_id: int, file_name: st
                               args.attention_top)
         if rows:
             plot_attention(image, rows, output_dir / f"{name}_attention.png")
+        else:
+            print(f"{file_name}: no attention figure, no detection scores at least --threshold {args.threshold:g}; "
+                  f"a lower --threshold draws the top ones")
     return records
 
 

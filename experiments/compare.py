@@ -13,8 +13,13 @@ with 'mean ± std' over the group's n runs that logged the metric (sample standa
 range of epochs done (a run still training shows as 8-10) and the mean time per run. Without groups, one row
 per run:
     run | <each flag that differs between runs> | best <metric> | epoch of best | last <metric> | epochs done | time
+When a run folder holds eval.json (a later `main.py --eval --output_dir RUN`), a column '<metric> (eval.json)'
+shows that evaluation, apart from the training's own numbers.
 Epochs are counted as util/tb.py writes them: step = epochs done, so 'epoch of best' is 1-based.
 Runs still training, or that died early, show '-' where nothing was logged yet.
+
+The printed table leaves out what --all_columns adds: flags whose values are paths (data folders, checkpoints),
+'epochs done' and 'time' (a line after the table names them; the CSVs hold every column).
 
 Flag values come from the run's config.json, the latest start's (experiments/runs.py reads the runs).
 
@@ -37,11 +42,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import plot_logs
-from experiments.runs import MISSING, PER_RUN_FLAGS, Group, Run, format_value, group_runs, load_runs
+from experiments.runs import MISSING, Group, Run, format_value, group_runs, load_runs, per_run_flags
 from util.errors import UserError
 from util.tb import COCO_METRIC_NAMES, METRIC_TAGS, PANOPTIC_METRIC_NAMES
 
 PLOTS = ("metric", "loss")
+# columns the printed table shows only with --all_columns (besides flags whose values are paths)
+DETAIL_COLUMNS = ("epochs done", "time")
 
 
 def default_out(paths: list[str], runs: list[Run]) -> str:
@@ -74,8 +81,21 @@ def metric_label(metric: str) -> str:
 def differing_flags(configs: list[dict]) -> list[str]:
     """Flags whose value is not the same in every non-empty config (a missing flag differs)."""
     configs = [c for c in configs if c]
-    names = sorted(set().union(*configs) - PER_RUN_FLAGS) if configs else []
+    names = sorted(set().union(*configs) - per_run_flags()) if configs else []
     return [n for n in names if len({format_value(c.get(n, MISSING)) for c in configs}) > 1]
+
+
+def path_flags(configs: list[dict]) -> set:
+    """Flags with a path among their values (a data folder, a checkpoint): long, and rarely what an ablation varies."""
+    return {name for config in configs for name, value in config.items()
+            if isinstance(value, str) and os.sep in value}
+
+
+def default_columns(header: list[str], rows: list[list[str]], hidden: set) -> tuple[list[str], list[list[str]], list]:
+    """The table without the ``hidden`` columns, and the names of those it had."""
+    keep = [i for i, name in enumerate(header) if name not in hidden]
+    dropped = [name for name in header if name in hidden]
+    return [header[i] for i in keep], [[row[i] for i in keep] for row in rows], dropped
 
 
 def _format_time(seconds: float | None) -> str:
@@ -93,15 +113,24 @@ def compare_table(runs: list[Run], metric: str) -> tuple[list[str], list[list[st
     """Header and rows (strings) of the per-run comparison; rows in the order of runs."""
     metric = resolve_metric(metric)
     flags = differing_flags([run.config for run in runs])
-    header = ["run", *flags, f"best {metric}", "epoch of best", f"last {metric}", "epochs done", "time"]
+    evaluated = any(run.evaluated for run in runs)
+    header = ["run", *flags, f"best {metric}", "epoch of best", f"last {metric}",
+              *([eval_column(metric)] if evaluated else []), "epochs done", "time"]
     rows = []
     for run in runs:
         summary = run.summary(metric)
         metric_cells = ([f"{summary[0]:.4f}", str(summary[1]), f"{summary[2]:.4f}"] if summary
                         else [MISSING] * 3)
+        if evaluated:
+            metric_cells.append(Stat([run.evaluated[metric]] if metric in run.evaluated else []).format(4))
         rows.append([run.name, *_flag_cells(run.config, flags), *metric_cells, str(run.epochs),
                      _format_time(run.total_time)])
     return header, rows
+
+
+def eval_column(metric: str) -> str:
+    """The column of a later ``main.py --eval --output_dir RUN`` (eval.json), apart from the training's own."""
+    return f"{metric} (eval.json)"
 
 
 @dataclass
@@ -141,16 +170,19 @@ def group_table(groups: list[Group], metric: str) -> tuple[list[str], list[list[
     """Header and rows (strings) of the per-group comparison (mean ± std over seeds)."""
     metric = resolve_metric(metric)
     flags = differing_flags([group.config for group in groups])
-    header = ["run", *flags, "seeds", "n", f"best {metric}", "epoch of best", f"last {metric}", "epochs done",
-              "time"]
+    evaluated = any(run.evaluated for group in groups for run in group.runs)
+    header = ["run", *flags, "seeds", "n", f"best {metric}", "epoch of best", f"last {metric}",
+              *([eval_column(metric)] if evaluated else []), "epochs done", "time"]
     rows = []
     for group in groups:
         stats = group_stats(group, metric)
         low, high = (min(stats["epochs"].values), max(stats["epochs"].values))
         epochs = f"{low:.0f}" if low == high else f"{low:.0f}-{high:.0f}"
+        eval_cell = [Stat([r.evaluated[metric] for r in group.runs if metric in r.evaluated]).format(4)]
         rows.append([group.name, *_flag_cells(group.config, flags), " ".join(map(format_value, group.seeds)),
                      str(stats["best"].n), stats["best"].format(4), stats["epoch"].format(1),
-                     stats["last"].format(4), epochs, _format_time(stats["time"].mean)])
+                     stats["last"].format(4), *(eval_cell if evaluated else []), epochs,
+                     _format_time(stats["time"].mean)])
     return header, rows
 
 
@@ -257,6 +289,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="around a group's mean curve: ±1 sample std (default), min-max, or none")
     parser.add_argument("--x", choices=plot_logs.X_AXES, default="epoch", help="x axis of --plot loss")
     parser.add_argument("--per_run", action="store_true", help="print one row per run even when runs are grouped")
+    parser.add_argument("--all_columns", action="store_true",
+                        help="also print flags with path values, epochs done and time")
     return parser
 
 
@@ -284,12 +318,17 @@ def main(argv: list[str] | None = None) -> None:
     if "loss" in args.plot:
         written.append(os.path.join(out, "compare_loss.png"))
         plot_loss(written[-1], groups, args.band, args.x)
+    hidden = set() if args.all_columns else {*DETAIL_COLUMNS, *path_flags([run.config for run in runs])}
     if grouped and not args.per_run:
-        print(format_markdown(*group_table(groups, metric)))
+        shown, shown_rows, dropped = default_columns(*group_table(groups, metric), hidden)
+        print(format_markdown(shown, shown_rows))
         print(f"\nmean ± sample std over the n runs of each group (runs that differ only in --seed); "
               f"one row per run: --per_run or compare.csv")
     else:
-        print(format_markdown(header, rows))
+        shown, shown_rows, dropped = default_columns(header, rows, hidden)
+        print(format_markdown(shown, shown_rows))
+    if dropped:
+        print(f"not shown: {', '.join(dropped)} (--all_columns, or the CSVs)")
     for group in groups:
         repeated = sorted({format_value(s) for s in group.seeds if group.seeds.count(s) > 1})
         if len(group.runs) > 1 and repeated:

@@ -15,15 +15,21 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from options import BOOKKEEPING_FLAGS
-from util.dist import RUNTIME_KEYS
 from util.errors import UserError
-from util.tb import EVAL_TAG_PREFIXES, METRIC_TAGS, hparam_value
+from util.tb import COCO_METRIC_NAMES, EVAL_TAG_PREFIXES, METRIC_TAGS, hparam_value, panoptic_metrics
 
-# what compare.py neither shows as a column nor lets keep two seeds apart: the flags marked bookkeeping where
-# they are defined (options.py) and the per-process values main.py stores beside the flags
-PER_RUN_FLAGS = frozenset(BOOKKEEPING_FLAGS) | frozenset(RUNTIME_KEYS)
+
+
+def per_run_flags() -> frozenset:
+    """What compare.py neither shows as a column nor lets keep two seeds apart: the flags marked bookkeeping where
+    they are defined (options.py) and the per-process values main.py stores beside the flags (util.dist, which
+    imports torch: loaded when runs are compared, not for --help)."""
+    from util.dist import RUNTIME_KEYS
+
+    return frozenset(BOOKKEEPING_FLAGS) | frozenset(RUNTIME_KEYS)
 SEED_FLAG = "seed"
 MISSING = "-"
+EVAL_JSON = "eval.json"  # what main.py --eval --output_dir RUN writes: evaluate()'s stats
 # '<name>/seed3' (sweep files with seeds) and '<name>_seed3' / '<name>-seed3' name one seed of <name>
 SEED_SUFFIX = re.compile(r"(^|[/_-])seed\d+$")
 # Keep every scalar: the default reservoir would subsample long series.
@@ -45,6 +51,8 @@ class Run:
     config: dict = field(default_factory=dict)
     # TensorBoard tag ('coco/AP', 'epoch/time') -> [(step, value)], steps increasing.
     scalars: dict = field(default_factory=dict)
+    # METRIC_TAGS name -> value of the run folder's eval.json (a later --eval); empty without one
+    evaluated: dict = field(default_factory=dict)
 
     def metric(self, name: str) -> list[tuple[int, float]]:
         """The series of a metric of util.tb.METRIC_TAGS ('AP', 'segm_AP', 'PQ', ...)."""
@@ -135,6 +143,25 @@ def _read_config_json(run_dir: str) -> dict:
     return {name: hparam_value(value) for name, value in config.items()}
 
 
+def eval_metrics(stats: dict) -> dict:
+    """The METRIC_TAGS names ('AP', 'segm_AP', 'PQ', ...) of engine.evaluate's stats."""
+    metrics = dict(zip(COCO_METRIC_NAMES, stats.get("coco_eval_bbox") or ()))
+    metrics.update({f"segm_{k}": v for k, v in zip(COCO_METRIC_NAMES, stats.get("coco_eval_masks") or ())})
+    metrics.update(panoptic_metrics(stats))
+    return metrics
+
+
+def _read_eval_json(run_dir: str) -> dict:
+    path = os.path.join(run_dir, EVAL_JSON)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return eval_metrics(json.load(f))
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise UserError(f"{path}: cannot read ({e}); rerun main.py --eval or delete the file") from e
+
+
 def load_run(run_dir: str, name: str) -> Run:
     acc = event_accumulator.EventAccumulator(run_dir, size_guidance=SIZE_GUIDANCE)
     acc.Reload()
@@ -142,7 +169,7 @@ def load_run(run_dir: str, name: str) -> Run:
     scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in wanted}
     # config.json is rewritten at every start (a resume with new flags); the hparams keep the first start's
     config = _read_config_json(run_dir) or _read_hparams(acc)
-    return Run(name=name, path=run_dir, config=config, scalars=scalars)
+    return Run(name=name, path=run_dir, config=config, scalars=scalars, evaluated=_read_eval_json(run_dir))
 
 
 def load_runs(paths: list[str]) -> list[Run]:
@@ -171,7 +198,8 @@ def format_value(value) -> str:
 
 
 def _group_key(run: Run):
-    flags = {k: format_value(v) for k, v in run.config.items() if k not in PER_RUN_FLAGS and k != SEED_FLAG}
+    per_run = per_run_flags()
+    flags = {k: format_value(v) for k, v in run.config.items() if k not in per_run and k != SEED_FLAG}
     return tuple(sorted(flags.items()))
 
 

@@ -37,10 +37,19 @@ def check_slurm_args(args) -> None:
         raise UserError("--nodes, --cpus_per_task and --timeout must be >= 1 and --ngpus >= 0")
 
 
-def make_executor(args, folder):
+def make_executor(args, folder, without_slurm: str):
     """A submitit Slurm executor: one task per GPU (one task on --ngpus 0), --signal USR2 120 s before
-    the time limit (submitit then calls Trainer.checkpoint and requeues)."""
+    the time limit (submitit then calls Trainer.checkpoint and requeues). Without Slurm's commands a UserError
+    names the missing one and ends with ``without_slurm`` (what to do instead)."""
+    import shutil
+
     import submitit
+
+    from util.errors import UserError
+
+    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+    if missing:
+        raise UserError(f"no Slurm here: {' and '.join(missing)} not found on PATH; {without_slurm}")
 
     executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm", slurm_max_num_timeout=30)
     optional = {name: getattr(args, name) for name in ("comment", "constraint", "account", "qos", "mem")

@@ -16,16 +16,15 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import main  # noqa: E402
+import options  # noqa: E402
 from experiments.sweeps import check_portable  # noqa: E402
 from slurm.common import (Trainer, add_slurm_args, check_slurm_args, make_executor, set_flag,  # noqa: E402
                           slurm_flag_names)
-from rundir import run_folder  # noqa: E402
 from util.errors import UserError  # noqa: E402
 
 
 def get_parser():
-    parser = argparse.ArgumentParser("python slurm/submit.py", parents=[main.get_args_parser()], allow_abbrev=False,
+    parser = argparse.ArgumentParser("python slurm/submit.py", parents=[options.get_args_parser()], allow_abbrev=False,
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     return add_slurm_args(parser)
 
@@ -53,6 +52,8 @@ def submit(argv):
         check_portable(args)
     except UserError as exc:
         parser.error(str(exc))
+    from rundir import run_folder  # torch: after parsing, so --help answers at once
+
     output_dir = Path(args.output_dir).resolve()
     status, line = run_folder.status(output_dir, args.epochs, args.owner_timeout)
     if status in (run_folder.STATUS_FINISHED, run_folder.STATUS_LIVE):
@@ -60,7 +61,12 @@ def submit(argv):
         return None
     run_argv = set_flag(main_argv(argv), "--output_dir", output_dir)
     job_dir = Path(args.job_dir).resolve() if args.job_dir else output_dir / "submitit"
-    executor = make_executor(args, job_dir)
+    try:
+        executor = make_executor(args, job_dir, "run python main.py with the same flags here, or submit from a "
+                                                "Slurm login node (sbatch slurm/train.sbatch, or srun)")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     job = executor.submit(Trainer(run_argv))
     print(f"submitted job {job.job_id}: main.py {shlex.join(run_argv)}")
     print(f"stdout: {job.paths.stdout}")

@@ -25,10 +25,7 @@ if __package__ in (None, ""):
 
 from experiments.sweeps import SEED_FLAG, Run, read_sweep, select, validate  # noqa: E402
 from slurm.common import Trainer, add_slurm_args, check_slurm_args, make_executor  # noqa: E402
-from rundir import run_folder  # noqa: E402
 from util.errors import UserError  # noqa: E402
-
-SKIPPED = {run_folder.STATUS_FINISHED: "finished", run_folder.STATUS_LIVE: "live"}
 
 
 def get_parser():
@@ -47,6 +44,7 @@ def get_parser():
 def plan(args, extra=()):
     """[(run, argv for main.py, status code, status line)] for the selected runs, in index order (status:
     rundir.run_folder.status); ``extra`` main.py flags are appended to every run (validated with it)."""
+    from rundir import run_folder  # torch: after parsing, so --help answers at once
     runs = read_sweep(args.sweep_file, seeds=args.seeds)
     if any(run.seed is not None for run in runs) and any(f.split("=", 1)[0] == SEED_FLAG for f in extra):
         raise UserError(f"{SEED_FLAG} after '--' would override the seed of every run; the seeds come from "
@@ -72,10 +70,13 @@ def main(argv=None):
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from rundir import run_folder
+
+    skipped = {run_folder.STATUS_FINISHED: "finished", run_folder.STATUS_LIVE: "live"}
     pending = []
     for run, run_argv, status, line in todo:
-        if status in SKIPPED:
-            print(f"skip ({SKIPPED[status]}): {run.name}: {line}")
+        if status in skipped:
+            print(f"skip ({skipped[status]}): {run.name}: {line}")
         elif args.dry_run:
             print(shlex.join(["python", "main.py", *run_argv]))
         else:
@@ -85,7 +86,12 @@ def main(argv=None):
             print("nothing to submit: every selected run is finished or live")
         return 0
     job_dir = Path(args.job_dir).resolve() if args.job_dir else Path(args.root).resolve() / "submitit"
-    executor = make_executor(args, job_dir)
+    try:
+        executor = make_executor(args, job_dir, "--dry_run prints each run's main.py command, to run here or "
+                                                "with srun/sbatch on a Slurm login node")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     with executor.batch():
         jobs = [executor.submit(Trainer(run_argv)) for _, run_argv in pending]
     for (run, _), job in zip(pending, jobs):

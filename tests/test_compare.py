@@ -132,7 +132,7 @@ def band_pixels(path):
 
 def test_per_run_table_csv_and_plot(sweep, tmp_path):
     out = tmp_path / "out"
-    result = run_compare(str(sweep), "--metric", "AP", "--out", str(out))
+    result = run_compare(str(sweep), "--metric", "AP", "--out", str(out), "--all_columns")
     assert result.returncode == 0, result.stderr
 
     header, rows = parse_markdown(result.stdout)
@@ -171,7 +171,7 @@ def test_resumed_run_shows_its_latest_flags_and_both_epoch_columns(tmp_path):
     write_run(str(root / "short"), BASE_CONFIG, [0.1, 0.2, 0.3], [10.0] * 3)
     write_run(str(root / "longer"), BASE_CONFIG, [0.1, 0.2, 0.3, 0.35, 0.5], [10.0] * 5,
               config_json={"epochs": 5})
-    result = run_compare(str(root))
+    result = run_compare(str(root), "--all_columns")
     assert result.returncode == 0, result.stderr
     header, rows = parse_markdown(result.stdout)
     assert header == ["run", "epochs", "best AP", "epoch of best", "last AP", "epochs done", "time"]
@@ -222,7 +222,7 @@ def cell(stats, digits):
 
 
 def test_seed_groups_mean_std_n_against_a_plain_reference(seeded, tmp_path):
-    result = run_compare(str(seeded), "--metric", "AP", "--band", "minmax")
+    result = run_compare(str(seeded), "--metric", "AP", "--band", "minmax", "--all_columns")
     assert result.returncode == 0, result.stderr
     header, rows = parse_markdown(result.stdout)
     assert header == ["run", "dynamic_scale", "lr", "seeds", "n", "best AP", "epoch of best", "last AP",
@@ -277,7 +277,7 @@ def test_groups_from_flags_not_names_and_repeated_seeds_are_noted(tmp_path):
     groups = group_runs(load_runs([str(root)]))
     assert [(g.name, [r.name for r in g.runs]) for g in groups] == [
         ("run_x + run_y + run_z", ["run_x", "run_y", "run_z"])]
-    result = run_compare(str(root))
+    result = run_compare(str(root), "--all_columns")
     header, rows = parse_markdown(result.stdout)
     assert rows == [["run_x + run_y + run_z", "42 7 42", "3", "0.4000 ± 0.2000", "1.0 ± 0.0", "0.4000 ± 0.2000",
                      "1", "0:00:01"]]

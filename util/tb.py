@@ -197,13 +197,21 @@ class RunLogger:
         for name, value in train_stats.items():
             self.writer.add_scalar(f"epoch/train_{name}", float(value), step)
         if coco_stats is not None:
-            if len(coco_stats) != len(COCO_METRIC_NAMES):
-                raise ValueError(f"coco_stats has {len(coco_stats)} values, expected {len(COCO_METRIC_NAMES)}")
-            for name, value in zip(COCO_METRIC_NAMES, coco_stats):
-                self.writer.add_scalar(f"coco/{name}", float(value), step)
+            self.log_coco(epoch, coco_stats)
         self.writer.add_scalar("epoch/time", float(epoch_time), step)
         self.epochs_done = step
         # A job killed later in the next epoch still leaves this epoch's numbers on disk.
+        self.writer.flush()
+
+    def log_coco(self, epoch: int, coco_stats: list[float]) -> None:
+        """The 12 COCOeval bbox stats (pycocotools' order) of an evaluation at step epoch + 1."""
+        if self.writer is None:
+            return
+        if len(coco_stats) != len(COCO_METRIC_NAMES):
+            raise ValueError(f"coco_stats has {len(coco_stats)} values, expected {len(COCO_METRIC_NAMES)}")
+        for name, value in zip(COCO_METRIC_NAMES, coco_stats):
+            self.writer.add_scalar(f"coco/{name}", float(value), epoch + 1)
+        self.epochs_done = max(self.epochs_done, epoch + 1)
         self.writer.flush()
 
     def log_segmentation(self, epoch: int, eval_stats: dict) -> None:
