@@ -2,7 +2,7 @@
 # The main job on the embedded synthetic dataset: installs what it needs, trains a small SMCA-DETR on CPU
 # (ResNet-18 from scratch with trainable BatchNorm, type2 scales + query mixture, focal loss) and prints
 # COCO AP (faster-coco-eval, printed as pycocotools prints it). Under 10 minutes on 2 CPU cores. Extra flags are passed to main.py.
-#   bash scripts/demo.sh --quick   a first AP in about 3 minutes: fewer and smaller images, a smaller model, evaluated
+#   bash scripts/demo.sh --quick   a first AP in about a minute or two: fewer and smaller images, a smaller model, evaluated
 #                                  once, at the end (into outputs/demo_quick); docs/first_hour.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
