@@ -15,8 +15,7 @@ from models.backbone import Joiner, image_extent
 from models.detr import DETR
 from models.ms_encoder import DWConvEncoder, DWConvEncoderLayer, MultiScaleAttentionEncoder
 from models.multiscale import MultiScaleDecoder, MultiScaleDecoderLayer
-from models.spatial_prior import LearnedScale
-from models.transformer import TransformerEncoderLayer
+from models.transformer import TransformerEncoderLayer, init_transformer
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
 # Z: the stride-8 map is too long for the decoder's keys (16,700 at 800x1333); it enters downsampled to stride 16
@@ -79,12 +78,7 @@ class MultiScaleTransformer(nn.Module):
     def _reset_parameters(self) -> None:
         """As the single-scale Transformer's (an own xavier draw per >1-D tensor, then the scale linears at weight 0,
         bias 1); the stride-8 downsampling keeps PyTorch's default, as Z's (created after its xavier pass)."""
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for module in self.modules():
-            if isinstance(module, LearnedScale):
-                module.reset_parameters()
+        init_transformer(self)
         if isinstance(self.decoder_levels, FineLevelDownsample):
             self.decoder_levels.conv.reset_parameters()
 

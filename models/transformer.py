@@ -163,6 +163,19 @@ class SMCADecoder(TransformerDecoder):
         return torch.stack(intermediate), box_reference
 
 
+def init_transformer(transformer: nn.Module) -> None:
+    """DETR's init, after every layer exists (docs/ablation-modules.md, "Initialisation"): each parameter with more
+    than one dimension gets its own xavier draw, so cloned layers start independent. The pass covers the SMCA
+    reference MLP and offset/scale linears too (as the original code); the scale linears are then reset to weight 0,
+    bias 1 (every scale starts at 1)."""
+    for p in transformer.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+    for module in transformer.modules():
+        if isinstance(module, LearnedScale):
+            module.reset_parameters()
+
+
 class Transformer(nn.Module):
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
@@ -185,16 +198,7 @@ class Transformer(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        """DETR's init, after every layer exists (docs/ablation-modules.md, "Initialisation"): each parameter
-        with more than one dimension gets its own xavier draw, so cloned layers start independent. The pass
-        covers the SMCA reference MLP and offset/scale linears too (as the original code); the scale
-        linears are then reset to weight 0, bias 1 (every scale starts at 1)."""
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for module in self.modules():
-            if isinstance(module, LearnedScale):
-                module.reset_parameters()
+        init_transformer(self)
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor,
                 extent: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
