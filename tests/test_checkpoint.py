@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from options import ARCH_FLAGS
-from rundir.checkpoint import (atomic_save, finetune_weights, load_checkpoint, load_model_weights, rng_state,
-                               set_rng_state)
+from rundir.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from rundir.model_weights import finetune_weights, load_model_weights
 from rundir.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, exit_for_requeue
 from rundir.run_config import config_to_dict, explicit_flags, infer_official_config, reconcile_config
 from util.errors import UserError
