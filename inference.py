@@ -22,7 +22,8 @@ from models import build_detr, build_postprocessor, detr_kwargs
 from models.postprocess_segm import PostProcessPanoptic
 from options import ARCH_FLAGS, get_args_parser, resolve_loss
 from rundir import run_config
-from rundir.checkpoint import load_checkpoint, load_model_weights
+from rundir.checkpoint import load_checkpoint
+from rundir.model_weights import load_model_weights
 from util.errors import UserError
 from util.misc import as_nested_tensor, nested_tensor_from_tensor_list
 

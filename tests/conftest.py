@@ -17,7 +17,8 @@ _HOME = []
 
 
 def pytest_configure(config):
-    # tests/test_slurm.py marks its module; registered here so `-m "not slurm"` works without a warning
+    # tests/test_slurm.py and tests/test_slurm_sweep.py mark their modules; registered here so `-m "not slurm"`
+    # works without a warning
     config.addinivalue_line("markers", "slurm: needs a local Slurm cluster (tests/slurm_cluster.py)")
     # `bash scripts/test.sh --quick` runs the tests marked quick: a few fast ones per module, for before a commit
     config.addinivalue_line("markers", "quick: part of the quick tier (scripts/test.sh --quick)")

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from experiments import benchmark, benchmark_coattn, benchmark_common, benchmark_model
+from experiments import benchmark, benchmark_coattn, benchmark_common, benchmark_model, benchmark_steps
 from tests.cli import run_script
 from util.errors import UserError
 
@@ -190,13 +190,13 @@ def test_image_shape_rejects(spec):
 
 
 def test_synthetic_batch_is_fixed_and_valid():
-    samples, targets = benchmark_model.synthetic_batch(3, 40, 60, num_classes=7)
-    again, targets_again = benchmark_model.synthetic_batch(3, 40, 60, num_classes=7)
+    samples, targets = benchmark_steps.synthetic_batch(3, 40, 60, num_classes=7)
+    again, targets_again = benchmark_steps.synthetic_batch(3, 40, 60, num_classes=7)
     assert samples.tensors.shape == (3, 3, 40, 60) and not samples.mask.any()
     assert torch.equal(samples.tensors, again.tensors)
     for t, u in zip(targets, targets_again):
         assert torch.equal(t["boxes"], u["boxes"]) and torch.equal(t["labels"], u["labels"])
-        lo, hi = benchmark_model.BOXES_PER_IMAGE
+        lo, hi = benchmark_steps.BOXES_PER_IMAGE
         assert lo <= len(t["boxes"]) <= hi
         xyxy = torch.cat([t["boxes"][:, :2] - t["boxes"][:, 2:] / 2, t["boxes"][:, :2] + t["boxes"][:, 2:] / 2], 1)
         assert (xyxy >= 0).all() and (xyxy <= 1).all()

@@ -1,4 +1,6 @@
-"""Checkpoint safety (atomic writes, refusing code in pickles), flag reconciliation, RNG resume, preemption."""
+"""Checkpoint safety (atomic writes, refusing code in pickles), weights into a model, RNG resume.
+
+Flags against a checkpoint: tests/test_run_config.py; preemption: tests/test_preemption.py."""
 import argparse
 import errno
 import functools
@@ -8,9 +10,6 @@ import os
 import pathlib
 import random
 import shlex
-import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,15 +18,10 @@ import pytest
 import torch
 from torch import nn
 
-from options import ARCH_FLAGS
-from rundir.checkpoint import (atomic_save, finetune_weights, load_checkpoint, load_model_weights, rng_state,
-                               set_rng_state)
-from rundir.preemption import REQUEUE_EXIT_CODE, PreemptionHandler, exit_for_requeue
-from rundir.run_config import config_to_dict, explicit_flags, infer_official_config, reconcile_config
+from rundir.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from rundir.model_weights import finetune_weights, load_model_weights
+from rundir.run_config import config_to_dict
 from util.errors import UserError
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
 
 def assert_same(a, b):
     """Recursive equality for nested dicts/lists of tensors and plain values."""
@@ -189,115 +183,6 @@ def test_truncated_missing_and_non_dict_files(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Flags vs checkpoint
-
-
-def small_parser():
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument('--backbone', default='resnet50')
-    parser.add_argument('--dilation', action='store_true')
-    parser.add_argument('--num_queries', default=100, type=int)
-    parser.add_argument('--hidden_dim', default=256, type=int)
-    parser.add_argument('--output_dir', default='')
-    parser.add_argument('--lr', default=1e-4, type=float)
-    return parser
-
-
-def test_explicit_flags_forms():
-    parser = small_parser()
-    argv = ['--dilation', '--num_queries=50', '--output_dir', 'out', '--lr', '-1e-3']
-    assert explicit_flags(parser, argv) == {'dilation', 'num_queries', 'output_dir', 'lr'}
-    # A value that spells another flag is a value, not that flag.
-    assert explicit_flags(parser, ['--output_dir=--backbone']) == {'output_dir'}
-    assert explicit_flags(parser, []) == set()
-
-
-def test_reconcile_takes_unpassed_flags_and_rejects_conflicts():
-    parser = small_parser()
-    stored = {'backbone': 'resnet101', 'dilation': True, 'num_queries': 100, 'lr': 5.0}
-
-    args = parser.parse_args(['--lr', '1e-5'])
-    messages = reconcile_config(args, explicit_flags(parser, ['--lr', '1e-5']), stored, ARCH_FLAGS,
-                                ckpt_path='run/ck.pth')
-    assert (args.backbone, args.dilation, args.num_queries) == ('resnet101', True, 100)
-    assert args.lr == 1e-5  # not an architecture flag: the user's value stands
-    assert messages == ['taking --backbone resnet101 from the checkpoint', 'taking --dilation from the checkpoint']
-
-    argv = ['--backbone', 'resnet50']
-    args = parser.parse_args(argv)
-    with pytest.raises(UserError) as info:
-        reconcile_config(args, explicit_flags(parser, argv), stored, ARCH_FLAGS, ckpt_path='run/ck.pth')
-    assert str(info.value) == ("--backbone resnet50 conflicts with the checkpoint's 'resnet101' (run/ck.pth); "
-                               "drop the flag or pass --backbone resnet101")
-
-    # Passing the checkpoint's own value is fine and silent.
-    argv = ['--backbone', 'resnet101', '--dilation']
-    args = parser.parse_args(argv)
-    assert reconcile_config(args, explicit_flags(parser, argv), stored, ARCH_FLAGS, ckpt_path='x') == []
-
-
-def fake_detr_state_dict(layer3_blocks, bottleneck, num_queries=7, hidden=8, enc=2, dec=3, ffn=12,
-                         num_classes=5, pre_norm=False):
-    """Tiny tensors under DETR's key names; only what inference reads, plus some decoys."""
-    sd = {'backbone.0.body.conv1.weight': torch.zeros(4, 3, 1, 1)}
-    for layer, blocks in (('layer1', 3), ('layer2', 4), ('layer3', layer3_blocks), ('layer4', 3)):
-        for b in range(blocks):
-            convs = ('conv1', 'conv2', 'conv3') if bottleneck else ('conv1', 'conv2')
-            for conv in convs:
-                sd[f'backbone.0.body.{layer}.{b}.{conv}.weight'] = torch.zeros(2, 2, 1, 1)
-            sd[f'backbone.0.body.{layer}.{b}.bn1.running_mean'] = torch.zeros(2)
-    for i in range(enc):
-        sd[f'transformer.encoder.layers.{i}.linear1.weight'] = torch.zeros(ffn, hidden)
-        sd[f'transformer.encoder.layers.{i}.self_attn.in_proj_weight'] = torch.zeros(3 * hidden, hidden)
-    for i in range(dec):
-        sd[f'transformer.decoder.layers.{i}.linear1.weight'] = torch.zeros(ffn, hidden)
-    if pre_norm:
-        sd['transformer.encoder.norm.weight'] = torch.zeros(hidden)
-    sd['transformer.decoder.norm.weight'] = torch.zeros(hidden)
-    sd['query_embed.weight'] = torch.zeros(num_queries, hidden)
-    sd['class_embed.weight'] = torch.zeros(num_classes + 1, hidden)
-    sd['input_proj.weight'] = torch.zeros(hidden, 2, 1, 1)
-    return sd
-
-
-def detr_args(**overrides):
-    defaults = dict(backbone='resnet50', dilation=False, position_embedding='sine', hidden_dim=256, nheads=8,
-                    enc_layers=6, dec_layers=6, dim_feedforward=2048, pre_norm=False, num_queries=100,
-                    num_classes=None, masks=False, eval=True, batch_size=2, resume='')
-    return argparse.Namespace(**{**defaults, **overrides})
-
-
-@pytest.mark.parametrize('blocks,bottleneck,expected', [(6, True, 'resnet50'), (23, True, 'resnet101'),
-                                                        (6, False, 'resnet34'), (2, False, 'resnet18')])
-def test_infer_official_config_reads_architecture_from_weights(blocks, bottleneck, expected):
-    sd = fake_detr_state_dict(blocks, bottleneck, pre_norm=True)
-    args = detr_args(backbone='resnet101' if expected == 'resnet50' else 'resnet50')
-    messages = infer_official_config(sd, 'detr.pth', args, explicit=set())
-    assert args.backbone == expected
-    assert (args.num_queries, args.hidden_dim, args.enc_layers, args.dec_layers) == (7, 8, 2, 3)
-    assert (args.dim_feedforward, args.num_classes, args.pre_norm, args.nheads) == (12, 5, True, 8)
-    assert args.position_embedding == 'sine' and args.masks is False
-    assert f'taking --backbone {expected} from the checkpoint (inferred from its weights)' in messages
-
-
-def test_infer_official_config_conflict_and_dc5():
-    sd = fake_detr_state_dict(23, True)
-    with pytest.raises(UserError, match="--backbone resnet50 conflicts with the checkpoint's 'resnet101' "
-                                        r"\(detr-r101.pth, inferred from its weights\)"):
-        infer_official_config(sd, 'detr-r101.pth', detr_args(), explicit={'backbone'})
-
-    with pytest.raises(UserError, match='detr-r101-DC5-a2bb7f3b.pth looks like a DC5 checkpoint; add --dilation'):
-        infer_official_config(sd, 'detr-r101-DC5-a2bb7f3b.pth', detr_args(), explicit=set())
-
-    warning = ('DC5 models lose several AP with more than one image per GPU (padding); '
-               'use --batch_size 1 for evaluation')
-    messages = infer_official_config(sd, 'detr-r101-dc5.pth', detr_args(dilation=True, batch_size=2), set())
-    assert any(warning in m for m in messages)
-    messages = infer_official_config(sd, 'detr-r101-dc5.pth', detr_args(dilation=True, batch_size=1), set())
-    assert not any(warning in m for m in messages)
-
-
-# --------------------------------------------------------------------------------------------------
 # Weights into a model
 
 
@@ -397,61 +282,3 @@ def test_training_checkpoint_round_trips_without_trust(tmp_path):
                                 'lr_drop': [200, 250], 'frozen_weights': None}
     assert json.loads(json.dumps(loaded['config'])) == loaded['config']
     assert (loaded['epoch'], loaded['tb_step']) == (7, 1234)
-
-
-# --------------------------------------------------------------------------------------------------
-# Preemption
-
-
-def test_preemption_handler_sets_flag_and_uninstall_restores():
-    def previous(signum, frame):
-        raise AssertionError('the preemption handler should have caught this signal')
-
-    old = signal.signal(signal.SIGUSR1, previous)
-    old_term = signal.getsignal(signal.SIGTERM)
-    try:
-        handler = PreemptionHandler()
-        assert not handler.requested and handler.signal_name is None
-        os.kill(os.getpid(), signal.SIGUSR1)
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert handler.requested and handler.signal_name == 'SIGUSR1'
-        assert handler.requested_on_any_rank() is True
-        handler.uninstall()
-        assert signal.getsignal(signal.SIGUSR1) is previous
-        assert signal.getsignal(signal.SIGTERM) is old_term
-    finally:
-        signal.signal(signal.SIGUSR1, old)
-
-
-def test_exit_for_requeue_outside_slurm_exits_with_documented_code(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'SUBMITIT_'))}
-    env['PYTHONPATH'] = str(REPO)
-    code = 'from rundir.preemption import exit_for_requeue; exit_for_requeue(); print("not reached")'
-    result = subprocess.run([sys.executable, '-c', code], env=env, cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == REQUEUE_EXIT_CODE == 75
-    assert 'not reached' not in result.stdout
-
-
-@pytest.mark.parametrize('env_extra,expected_call', [
-    ({'SLURM_JOB_ID': '123'}, 'requeue 123'),
-    ({'SLURM_JOB_ID': '123', 'SLURM_ARRAY_JOB_ID': '100', 'SLURM_ARRAY_TASK_ID': '4'}, 'requeue 100_4'),
-    ({'SLURM_JOB_ID': '123', 'SUBMITIT_EXECUTOR': 'slurm'}, None),
-    ({'SLURM_JOB_ID': '123', 'SLURM_PROCID': '1'}, None),
-])
-@pytest.mark.quick
-def test_exit_for_requeue_under_slurm(tmp_path, monkeypatch, env_extra, expected_call):
-    record = tmp_path / 'scontrol_args'
-    scontrol = tmp_path / 'scontrol'
-    scontrol.write_text(f'#!/bin/sh\necho "$@" > {shlex.quote(str(record))}\n')
-    scontrol.chmod(0o755)
-    for name in list(os.environ):
-        if name.startswith(('SLURM_', 'SUBMITIT_')) or name == 'RANK':
-            monkeypatch.delenv(name)
-    monkeypatch.setenv('PATH', f'{tmp_path}{os.pathsep}{os.environ["PATH"]}')
-    for name, value in env_extra.items():
-        monkeypatch.setenv(name, value)
-    with pytest.raises(SystemExit) as info:
-        exit_for_requeue()
-    assert info.value.code == REQUEUE_EXIT_CODE
-    assert (record.read_text().strip() if record.exists() else None) == expected_call

@@ -1,9 +1,8 @@
-"""Datasets: synthetic generation, the COCO loader, transforms, the evaluator, bad input."""
-import argparse
+"""Datasets: synthetic generation, the COCO loader, transforms, the evaluator.
+
+Bad input to the COCO loader: tests/test_coco_bad_input.py."""
 import concurrent.futures
 import hashlib
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,26 +15,8 @@ from datasets import transforms as T
 from datasets.coco import CocoDetection
 from datasets.coco_eval import CocoEvaluator
 from datasets.synthetic import CATEGORIES, dataset_name, ensure_synthetic
-from util.errors import UserError
-
-SEED, N_TRAIN, N_VAL, SIZE = 3, 16, 8, 64
-
-
-def _ensure(root):
-    return ensure_synthetic(root, seed=SEED, train_size=N_TRAIN, val_size=N_VAL, image_size=SIZE)
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
-    return _ensure(tmp_path_factory.mktemp("synthetic"))
-
-
-def _args(**overrides) -> argparse.Namespace:
-    args = dict(dataset_file="synthetic", coco_path=None, num_classes=None, skip_bad_images=False,
-                synthetic_root=None, synthetic_train_size=N_TRAIN, synthetic_val_size=N_VAL,
-                synthetic_image_size=SIZE, seed=SEED, masks=False)
-    args.update(overrides)
-    return argparse.Namespace(**args)
+from tests.synthetic_set import N_TRAIN, N_VAL, SEED, SIZE, dataset_args, ensure_small, load_json, xyxy
+from tests.synthetic_set import synth  # noqa: F401 (a fixture)
 
 
 def _tree_digest(folder: Path) -> dict:
@@ -43,20 +24,10 @@ def _tree_digest(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _load_json(path: Path) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def _xyxy(bbox_xywh):
-    x, y, w, h = bbox_xywh
-    return [x, y, x + w, y + h]
-
-
 # ---------------------------------------------------------------- synthetic generation
 
 def test_generation_is_deterministic_and_named_by_parameters(tmp_path):
-    a, b = _ensure(tmp_path / "a"), _ensure(tmp_path / "b")
+    a, b = ensure_small(tmp_path / "a"), ensure_small(tmp_path / "b")
     assert a.name == b.name == dataset_name(SEED, N_TRAIN, N_VAL, SIZE)
     for token in (f"seed{SEED}", f"train{N_TRAIN}", f"val{N_VAL}", f"px{SIZE}"):
         assert token in a.name
@@ -68,13 +39,13 @@ def test_generation_is_deterministic_and_named_by_parameters(tmp_path):
     other = ensure_synthetic(tmp_path / "a", seed=SEED + 1, train_size=N_TRAIN, val_size=N_VAL,
                              image_size=SIZE)
     assert other != a
-    assert _load_json(other / "annotations/instances_train2017.json") != \
-        _load_json(a / "annotations/instances_train2017.json")
+    assert load_json(other / "annotations/instances_train2017.json") != \
+        load_json(a / "annotations/instances_train2017.json")
 
 
 def test_generation_content_is_coco_without_info(synth):
     for split, n in (("train", N_TRAIN), ("val", N_VAL)):
-        data = _load_json(synth / f"annotations/instances_{split}2017.json")
+        data = load_json(synth / f"annotations/instances_{split}2017.json")
         assert "info" not in data
         assert [c["id"] for c in data["categories"]] == [c[0] for c in CATEGORIES]
         assert min(c["id"] for c in data["categories"]) == 1
@@ -93,13 +64,13 @@ def test_generation_content_is_coco_without_info(synth):
             assert 1 <= len(boxes) <= 3
             for i in range(len(boxes)):          # objects never overlap
                 for j in range(i + 1, len(boxes)):
-                    a, b = _xyxy(boxes[i]), _xyxy(boxes[j])
+                    a, b = xyxy(boxes[i]), xyxy(boxes[j])
                     assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1])
 
 
 def test_generation_object_pixels_have_category_colour(synth):
     """The box centre of a square/circle lies inside the shape: its colour is the category's."""
-    data = _load_json(synth / "annotations/instances_train2017.json")
+    data = load_json(synth / "annotations/instances_train2017.json")
     colours = {cid: np.array(rgb) for cid, _, rgb in CATEGORIES}
     files = {img["id"]: img["file_name"] for img in data["images"]}
     checked = 0
@@ -115,7 +86,7 @@ def test_generation_object_pixels_have_category_colour(synth):
 
 
 def _ensure_in(root):
-    return str(_ensure(Path(root)))
+    return str(ensure_small(Path(root)))
 
 
 def test_concurrent_generation_yields_one_complete_copy(tmp_path):
@@ -123,7 +94,7 @@ def test_concurrent_generation_yields_one_complete_copy(tmp_path):
         paths = list(pool.map(_ensure_in, [tmp_path] * 3))
     assert len(set(paths)) == 1
     assert [p.name for p in tmp_path.iterdir()] == [Path(paths[0]).name]
-    assert _tree_digest(Path(paths[0])) == _tree_digest(_ensure(tmp_path / "fresh"))
+    assert _tree_digest(Path(paths[0])) == _tree_digest(ensure_small(tmp_path / "fresh"))
 
 
 def test_interrupted_generation_is_redone(tmp_path):
@@ -131,19 +102,19 @@ def test_interrupted_generation_is_redone(tmp_path):
     partial = tmp_path / f".{name}.tmp-otherhost-123-deadbeef"
     (partial / "train2017").mkdir(parents=True)
     (partial / "train2017" / "000001.jpg").write_bytes(b"half")
-    out = _ensure(tmp_path)
+    out = ensure_small(tmp_path)
     assert out == tmp_path / name
     assert len(list((out / "val2017").glob("*.jpg"))) == N_VAL
-    assert _tree_digest(out) == _tree_digest(_ensure(tmp_path / "fresh"))
+    assert _tree_digest(out) == _tree_digest(ensure_small(tmp_path / "fresh"))
 
 
 # ---------------------------------------------------------------- loader + transforms
 
 def test_build_dataset_synthetic_items_match_contract_and_json(synth):
-    args = _args(synthetic_root=str(synth.parent))
+    args = dataset_args(synthetic_root=str(synth.parent))
     assert num_classes_for(args) == max(c[0] for c in CATEGORIES) + 1
     ds = build_dataset("val", args)
-    data = _load_json(synth / "annotations/instances_val2017.json")
+    data = load_json(synth / "annotations/instances_val2017.json")
     anns = {}
     for a in data["annotations"]:
         anns.setdefault(a["image_id"], []).append(a)
@@ -292,7 +263,7 @@ def _gt_predictions(coco):
     for image_id in coco.getImgIds():
         anns = coco.imgToAnns[image_id]
         res[image_id] = {
-            "boxes": torch.tensor([_xyxy(a["bbox"]) for a in anns], dtype=torch.float32).reshape(-1, 4),
+            "boxes": torch.tensor([xyxy(a["bbox"]) for a in anns], dtype=torch.float32).reshape(-1, 4),
             "scores": torch.ones(len(anns)),
             "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64),
         }
@@ -347,140 +318,3 @@ def test_evaluator_empty_predictions_give_zeros(synth):
     nothing.accumulate()
     assert nothing.summarize() == [0.0] * 12
 
-
-# ---------------------------------------------------------------- bad input
-
-@pytest.fixture
-def coco_root(synth, tmp_path) -> Path:
-    root = tmp_path / "coco"
-    shutil.copytree(synth, root)
-    return root
-
-
-def _edit_json(path: Path, edit) -> None:
-    data = _load_json(path)
-    edit(data)
-    path.write_text(json.dumps(data))
-
-
-def _coco_args(root, **overrides):
-    return _args(**{"dataset_file": "coco", "coco_path": str(root), "num_classes": 5, **overrides})
-
-
-def test_missing_coco_path(tmp_path):
-    with pytest.raises(UserError, match="--coco_path"):
-        build_dataset("val", _coco_args(None))
-    missing = tmp_path / "nowhere"
-    with pytest.raises(UserError, match="--coco_path") as err:
-        build_dataset("val", _coco_args(missing))
-    assert str(missing) in str(err.value) and "train2017/" in str(err.value)
-
-
-def test_missing_image_folder(coco_root):
-    shutil.rmtree(coco_root / "val2017")
-    with pytest.raises(UserError) as err:
-        build_dataset("val", _coco_args(coco_root))
-    assert str(coco_root / "val2017") in str(err.value)
-
-
-def test_missing_annotation_file(coco_root):
-    (coco_root / "annotations/instances_train2017.json").unlink()
-    with pytest.raises(UserError) as err:
-        build_dataset("train", _coco_args(coco_root))
-    assert str(coco_root / "annotations/instances_train2017.json") in str(err.value)
-
-
-def test_unreadable_annotation_file(coco_root):
-    ann_file = coco_root / "annotations/instances_val2017.json"
-    ann_file.write_text("{not json")
-    with pytest.raises(UserError) as err:
-        build_dataset("val", _coco_args(coco_root))
-    assert str(ann_file) in str(err.value)
-
-
-def test_corrupt_image_error_and_skip(coco_root, capsys):
-    bad = coco_root / "val2017" / "000002.jpg"
-    bad.write_bytes(b"this is not a jpeg")
-    ds = build_dataset("val", _coco_args(coco_root))
-    assert ds.ids[1] == 2
-    with pytest.raises(UserError) as err:
-        ds[1]
-    assert str(bad) in str(err.value) and "--skip_bad_images" in str(err.value)
-
-    ds = build_dataset("val", _coco_args(coco_root, skip_bad_images=True))
-    capsys.readouterr()
-    _, target = ds[1]
-    assert int(target["image_id"]) == ds.ids[2]      # the next index's item, deterministically
-    _, target = ds[1]
-    assert int(target["image_id"]) == ds.ids[2]
-    assert ds.num_bad_images_skipped == 2
-    warnings = capsys.readouterr().err
-    assert str(bad) in warnings and "2 skips so far" in warnings
-    assert int(ds[0][1]["image_id"]) == ds.ids[0]
-
-
-def test_image_without_annotations_is_a_negative(coco_root):
-    ann_file = coco_root / "annotations/instances_val2017.json"
-    _edit_json(ann_file, lambda d: d.__setitem__(
-        "annotations", [a for a in d["annotations"] if a["image_id"] != 1]))
-    ds = build_dataset("val", _coco_args(coco_root))
-    assert len(ds) == N_VAL
-    img, target = ds[0]
-    assert int(target["image_id"]) == 1
-    assert target["boxes"].shape == (0, 4) and target["boxes"].dtype == torch.float32
-    assert target["labels"].shape == (0,) and target["labels"].dtype == torch.int64
-    assert img.shape == (3, 800, 800)           # COCO's val transform: shorter side 800
-
-
-def test_degenerate_and_crowd_boxes_dropped_and_counted(coco_root, capsys):
-    ann_file = coco_root / "annotations/instances_val2017.json"
-
-    def edit(d):
-        extra = [([10.0, 10.0, 0.0, 5.0], 0),        # zero width
-                 ([SIZE + 5.0, 3.0, 10.0, 10.0], 0),  # entirely right of the image
-                 ([-8.0, 4.0, 20.0, 10.0], 0),        # partly outside: clipped, kept
-                 ([5.0, 5.0, 20.0, 20.0], 1)]         # crowd: not a training target
-        next_id = max(a["id"] for a in d["annotations"]) + 1
-        for k, (bbox, crowd) in enumerate(extra):
-            d["annotations"].append({"id": next_id + k, "image_id": 1, "category_id": 2, "bbox": bbox,
-                                     "area": bbox[2] * bbox[3], "iscrowd": crowd})
-    original = [a for a in _load_json(ann_file)["annotations"] if a["image_id"] == 1]
-    _edit_json(ann_file, edit)
-    capsys.readouterr()
-    ds = CocoDetection(coco_root / "val2017", ann_file, num_classes=5)
-    assert ds.num_degenerate_dropped == 2
-    err = capsys.readouterr().err
-    assert f"{ann_file}: 2 boxes with w <= 0 or h <= 0 once clipped to their image, dropped" in err
-    assert "dropped from training and from the evaluation ground truth alike" in err
-    # the evaluation ground truth (the same parsed object) no longer holds them either
-    assert [a["bbox"] for a in ds.coco.imgToAnns[1]][-2:] == [[-8.0, 4.0, 20.0, 10.0], [5.0, 5.0, 20.0, 20.0]]
-    assert ds.ids[0] == 1
-    _, target = ds[0]                           # no transforms: absolute xyxy boxes
-    expected = [_xyxy(a["bbox"]) for a in original] + [[0.0, 4.0, 12.0, 14.0]]
-    assert target["boxes"].tolist() == expected
-    assert target["labels"].tolist() == [a["category_id"] for a in original] + [2]
-    assert target["iscrowd"].tolist() == [0] * len(expected)
-
-
-def test_category_id_beyond_num_classes(coco_root):
-    ann_file = coco_root / "annotations/instances_val2017.json"
-    def edit(d):
-        d["annotations"][0]["category_id"] = 99
-        d["categories"].append({"id": 99, "name": "listed, beyond --num_classes"})
-    _edit_json(ann_file, edit)
-    with pytest.raises(UserError) as err:
-        build_dataset("val", _coco_args(coco_root))
-    message = str(err.value)
-    assert str(ann_file) in message and "99" in message and "--num_classes" in message
-    assert len(build_dataset("val", _coco_args(coco_root, num_classes=100))) == N_VAL
-
-
-def test_masks_rejected_and_num_classes_defaults(tmp_path):
-    with pytest.raises(UserError, match="--masks"):
-        build_dataset("train", _args(masks=True, synthetic_root=str(tmp_path)))
-    with pytest.raises(UserError, match="--coco_path"):   # COCO's count is read from its annotation file
-        num_classes_for(_args(dataset_file="coco"))
-    assert num_classes_for(_args(num_classes=7)) == 7
-    # The synthetic count comes from the data, generated on demand in the given root only.
-    assert num_classes_for(_args(synthetic_root=str(tmp_path))) == 5
-    assert [p.name for p in tmp_path.iterdir()] == [dataset_name(SEED, N_TRAIN, N_VAL, SIZE)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import inference
-from test_models import RESNET_DEPTHS, assert_checkpoint_layout, detr_checkpoint_shapes
+from test_detr_layout import RESNET_DEPTHS, assert_checkpoint_layout, detr_checkpoint_shapes
 from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,6 +16,7 @@ from models import build_model
 from tests.conftest import TINY_CLI, make_args
 from rundir import checkpoint as ckpt
 from rundir import checkpoint_space
+from rundir import model_weights
 from rundir import run_config
 from util.errors import UserError
 
@@ -68,7 +69,7 @@ def test_detr_layout_into_an_smca_model_names_finetune_from():
     detr = build_model(make_args(dynamic_scale="none"))[0]
     smca = build_model(make_args(dynamic_scale="type2"))[0]
     with pytest.raises(UserError) as info:
-        ckpt.load_model_weights(smca, detr.state_dict())
+        model_weights.load_model_weights(smca, detr.state_dict())
     message = str(info.value)
     assert "the checkpoint does not fit the model (" in message and ", 0 unexpected, 0 with another shape)" in message
     assert message.endswith("likely fix: the checkpoint has no SMCA modules (a DETR checkpoint, or one trained with "
@@ -79,7 +80,7 @@ def test_detr_layout_into_an_smca_model_names_finetune_from():
     state = detr.state_dict()
     state["query_embed.weight"] = torch.zeros(3, state["query_embed.weight"].shape[1])
     with pytest.raises(UserError, match="likely fix: check --num_queries"):
-        ckpt.load_model_weights(smca, state)
+        model_weights.load_model_weights(smca, state)
 
 
 def test_weights_only_file_starts_at_epoch_zero_and_says_so(tmp_path, capsys):

@@ -8,8 +8,8 @@ import main
 from models import build_model
 from models.criterion import SetCriterion
 from models.segmentation import DETRsegm, MHAttentionMap
-from test_models import (RESNET_DEPTHS, ZERO_INPUT_AT_INIT, assert_checkpoint_layout, detr_checkpoint_shapes,
-                         images)
+from test_detr_layout import RESNET_DEPTHS, assert_checkpoint_layout, detr_checkpoint_shapes
+from test_models import ZERO_INPUT_AT_INIT, images
 from util.misc import nested_tensor_from_tensor_list
 
 pytestmark = pytest.mark.usefixtures("single_thread")
