@@ -27,7 +27,7 @@ from models import build_model
 from options import (ARCH_FLAGS, ablation_summary, check_args, default_device,  # noqa: F401 (DETR's API)
                      format_config, get_args_parser, main_parser, parse_main, resolve_args)
 from rundir import checkpoint as ckpt
-from rundir import checkpoint_space, run_config, run_folder
+from rundir import checkpoint_space, model_weights, run_config, run_folder
 from rundir.preemption import (INTERRUPT_EXIT_CODE, PREEMPTION_SIGNALS, STOP_SIGNALS, PreemptionHandler,
                                SignalSafeLoader, exit_for_requeue)
 from util import dist
@@ -268,14 +268,15 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
     model.to(device)
     model_without_ddp = model
     if frozen is not None:
-        for line in ckpt.load_model_weights(model_without_ddp.detr, ckpt.detector_weights(frozen["model"])):
+        detector = model_weights.detector_weights(frozen["model"])
+        for line in model_weights.load_model_weights(model_without_ddp.detr, detector):
             print(line)
     if args.finetune_from:
         source = ckpt.load_checkpoint(args.finetune_from, trust=args.trust_checkpoint)
-        for line in ckpt.finetune_weights(model_without_ddp, source["model"]):
+        for line in model_weights.finetune_weights(model_without_ddp, source["model"]):
             print(line)
     if checkpoint is not None:
-        ckpt.load_model_weights(model_without_ddp, checkpoint["model"])
+        model_weights.load_model_weights(model_without_ddp, checkpoint["model"])
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)

@@ -23,7 +23,6 @@ import urllib.parse
 import numpy as np
 import torch
 
-from rundir.model_weights import detector_weights, finetune_weights, load_model_weights  # noqa: F401 (main.py's ckpt.*)
 from util.errors import UserError
 
 # Official DETR checkpoints pickle their argparse.Namespace under 'args'. Rebuilding a Namespace is
