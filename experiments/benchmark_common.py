@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -55,6 +56,19 @@ DETR_MAX_SIZE = 1333
 DETR_ASPECT = 1333 / 800
 RSS_SAMPLE_SECONDS = 0.005
 MIB = 2 ** 20
+
+
+def split_model_flags(argv: List[str]) -> Tuple[List[str], List[str]]:
+    """A mode's own arguments and, after '--', main.py's flags of the model it measures."""
+    if "--" not in argv:
+        return list(argv), []
+    return argv[:argv.index("--")], argv[argv.index("--") + 1:]
+
+
+def write_json(path: str, result) -> None:
+    """A mode's result (rows, environment) as the --json file."""
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
 
 
 def image_shape(spec: str) -> Tuple[int, int]:

@@ -25,7 +25,6 @@ with their values, so random outputs time it as real ones do. The stats of all b
 import argparse
 import contextlib
 import io
-import json
 import os
 import statistics
 import sys
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 
 from datasets.coco_eval import COCO_BACKENDS, CocoEvaluator, ground_truth
+from experiments.benchmark_common import write_json
 from models.postprocess import build_postprocessors
 from util.errors import UserError
 
@@ -213,8 +213,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
     result = run(opts, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(markdown(result), end="")
     if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(opts.json, result)
     return 0
 
 

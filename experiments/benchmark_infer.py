@@ -16,7 +16,6 @@ second call minus the memory before the build (experiments/benchmark_common.py),
 The largest |onnxruntime - eager| over both outputs is reported too. Export time is not in any column.
 """
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import export
 import main as detr_main
 from datasets import COCO_NUM_CLASSES
 from experiments.benchmark_common import (MIB, VARIANTS, environment, image_shape, memory_meter, peak_memory,
-                                          time_calls)
+                                          split_model_flags, time_calls, write_json)
 from inference import EXPORT_INSTALL_HINT
 from util.errors import UserError
 
@@ -151,7 +150,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def cli(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    own, model_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    own, model_flags = split_model_flags(argv)
     opts = get_args_parser().parse_args(own)
     try:
         unknown = [v for v in opts.variants if v not in VARIANTS]
@@ -173,8 +172,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
         return 2
     print(markdown(result), end="")
     if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(opts.json, result)
     return 0
 
 

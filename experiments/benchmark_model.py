@@ -49,7 +49,7 @@ import torch
 import main as detr_main
 from datasets import COCO_NUM_CLASSES
 from experiments.benchmark_common import (BASELINE, MIB, MULTISCALE_VARIANTS, NO_ROUTE, VARIANTS, environment,
-                                          fmt_ratio, image_shape, memory_meter, ratio)
+                                          fmt_ratio, image_shape, memory_meter, ratio, split_model_flags)
 from experiments.benchmark_steps import STEPS, memory_step, synthetic_batch, time_step
 from options import PRIOR_IMPLS
 from util.errors import UserError
@@ -318,7 +318,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def cli(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    own, model_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    own, model_flags = split_model_flags(argv)
     opts = get_args_parser().parse_args(own)
     try:
         config = Config(variants=opts.variants, routes=opts.routes, queries=opts.queries,

@@ -53,8 +53,13 @@ def run_in_process(cli, argv: list, extra_env: dict | None = None) -> subprocess
     os.environ.update({k: str(v) for k, v in (extra_env or {}).items()})
     code = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        # a fresh interpreter's filters (Python's defaults): otherwise a ResourceWarning for a file some earlier
+        # test left to the garbage collector could print into this run's stderr
         warnings.resetwarnings()
         warnings.simplefilter("default")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
         warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
             warnings.formatwarning(message, category, filename, lineno, line))
         try:
