@@ -30,6 +30,7 @@ from datasets import COCO_NUM_CLASSES
 from experiments.benchmark_common import (MIB, VARIANTS, environment, image_shape, memory_meter, peak_memory,
                                           split_model_flags, time_calls, write_json)
 from inference import EXPORT_INSTALL_HINT
+import run_setup
 from util.errors import UserError
 
 MODEL_SEED = 0
@@ -47,7 +48,7 @@ def model_args(variant: str, model_flags: List[str]) -> argparse.Namespace:
         raise UserError(f"model flags after --: {exc}") from None
     if unknown:
         raise UserError(f"model flags after --: unknown {' '.join(unknown)} (see python main.py --help)")
-    detr_main.resolve_args(args)
+    run_setup.resolve_args(args)
     return args
 
 

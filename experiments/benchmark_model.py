@@ -52,6 +52,7 @@ from experiments.benchmark_common import (BASELINE, MIB, MULTISCALE_VARIANTS, NO
                                           fmt_ratio, image_shape, memory_meter, ratio, split_model_flags)
 from experiments.benchmark_steps import STEPS, memory_step, synthetic_batch, time_step
 from options import PRIOR_IMPLS
+import run_setup
 from util.errors import UserError
 
 # flags the benchmark sets itself; passing them after -- would silently lose or fight the grid
@@ -123,12 +124,12 @@ def _parse_model_flags(argv: List[str]) -> argparse.Namespace:
 
 
 def variant_args(config: Config, variant: str, queries: int, route: str = NO_ROUTE) -> argparse.Namespace:
-    """Resolved main.py args for one grid cell; bad combinations raise UserError from main.resolve_args."""
+    """Resolved main.py args for one grid cell; bad combinations raise UserError from run_setup.resolve_args."""
     argv = (["--num_classes", str(COCO_NUM_CLASSES)] + config.model_flags + MODEL_VARIANTS[variant]
             + ["--num_queries", str(queries), "--batch_size", str(config.batch_size), "--device", config.device]
             + ([] if route == NO_ROUTE else ["--prior_impl", route]) + (["--amp"] if config.amp else []))
     args = _parse_model_flags(argv)
-    detr_main.resolve_args(args)
+    run_setup.resolve_args(args)
     return args
 
 

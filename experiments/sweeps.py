@@ -182,13 +182,13 @@ def validate(run, path, parser=None):
 
 
 def check_portable(args):
-    """main.check_args, except what depends on the machine: device and AMP are properties of the node
+    """flag_checks.check_args, except what depends on the machine: device and AMP are properties of the node
     the job lands on, so a login node without GPUs can validate a GPU run."""
-    import options
+    import flag_checks
 
     probe = argparse.Namespace(**vars(args))
     probe.device, probe.amp = "cpu", False
-    options.check_args(probe)
+    flag_checks.check_args(probe)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

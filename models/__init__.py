@@ -94,7 +94,7 @@ def detr_kwargs(flags: Mapping) -> dict:
 
 
 def build_model(args, backbone_weights: str = "none", stuff_ids=None):
-    """(model, criterion, postprocessors) for resolved args (see main.resolve_args).
+    """(model, criterion, postprocessors) for resolved args (see run_setup.resolve_args).
 
     backbone_weights: 'imagenet', 'none' or a path; main passes 'none' when a checkpoint will overwrite them.
     With --masks the model is DETR's segmentation wrapper (the detector under ``detr.``, frozen with

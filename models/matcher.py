@@ -99,7 +99,7 @@ class HungarianMatcher(nn.Module):
 
 
 def build_matcher(args) -> HungarianMatcher:
-    """args.cls_loss is already resolved to 'ce' or 'focal' (main.resolve_args)."""
+    """args.cls_loss is already resolved to 'ce' or 'focal' (run_setup.resolve_args)."""
     class_costs = {
         "ce": softmax_class_cost,
         "focal": partial(focal_class_cost, alpha=args.focal_alpha, gamma=args.focal_gamma),

@@ -102,7 +102,7 @@ def atomic_write_text(path: str | os.PathLike, text: str, what: str = 'file') ->
 
 def append_line(path: str | os.PathLike, line: str, what: str = 'file') -> None:
     """Append one line (log.txt); OSError -> UserError naming the file. A line torn by a full disk is
-    dropped when the run resumes (main._truncate_log)."""
+    dropped when the run resumes (training._truncate_log)."""
     try:
         with open(path, 'a') as f:
             f.write(line + '\n')

@@ -70,9 +70,10 @@ TINY_FLAGS = {
 
 
 def make_args(**overrides):
-    """Resolved args (main.resolve_args) for the tiny model; ``True`` turns on a store_true flag, ``False`` leaves
-    it off, other values are passed as ``--name value``."""
+    """Resolved args (run_setup.resolve_args) for the tiny model; ``True`` turns on a store_true flag, ``False``
+    leaves it off, other values are passed as ``--name value``."""
     import main
+    import run_setup
 
     flags = {**TINY_FLAGS, **overrides}
     argv = []
@@ -82,7 +83,7 @@ def make_args(**overrides):
         elif value is not False and value is not None:
             argv += [f"--{name}", str(value)]
     args = main.get_args_parser().parse_args(argv)
-    main.resolve_args(args)
+    run_setup.resolve_args(args)
     return args
 
 

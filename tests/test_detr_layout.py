@@ -5,6 +5,7 @@ import torch
 
 import main
 from models import build_model
+import run_setup
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -84,7 +85,7 @@ def build_default(*flags):
     """A model with DETR's default flags (no dataset lookup, no download)."""
     args = main.get_args_parser().parse_args(
         ["--num_classes", "91", "--backbone_weights", "none", "--device", "cpu", *flags])
-    main.resolve_args(args)
+    run_setup.resolve_args(args)
     return build_model(args)[0]
 
 

@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 
 import main
 from models import build_model
+import run_setup
 from util import dist as udist
 from util.misc import nested_tensor_from_tensor_list
 
@@ -22,7 +23,7 @@ TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", 
 
 def _args():
     args = main.get_args_parser().parse_args(TINY)
-    main.resolve_args(args)
+    run_setup.resolve_args(args)
     return args
 
 

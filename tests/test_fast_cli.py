@@ -55,10 +55,10 @@ def test_the_parsers_names_agree_with_the_code():
 
 
 def main_error(argv, capsys):
-    import options
+    import flag_checks
 
     with pytest.raises(SystemExit) as exit:
-        options.parse_main(argv)
+        flag_checks.parse_main(argv)
     assert exit.value.code == 2
     return capsys.readouterr().err
 

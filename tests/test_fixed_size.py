@@ -12,13 +12,13 @@ from pycocotools.coco import COCO
 
 import datasets
 import engine
-import main
 from datasets import transforms as T
 from datasets.coco import CocoDetection
 from datasets.fixed_size import FitResize, fitted_size, make_fixed_size_transforms
 from datasets.synthetic import ensure_synthetic
 from models import build_model
 from options import fixed_size
+import training
 from util.misc import collate_fn
 
 # one intra-op thread: tiny models on a loaded 2-core machine (conftest.single_thread)
@@ -153,7 +153,7 @@ def test_eval_is_identical_at_1_2_and_4_images_per_batch(mixed, tiny_args):
     model, criterion, postprocessors = build_model(args)
     model.eval()
     dataset = datasets.build_dataset("val", args)
-    collate = main._collate(args)
+    collate = training.collate(args)
 
     outputs = {bs: _outputs(model, dataset, bs, collate) for bs in (1, 2, 4)}
     for bs in (2, 4):

@@ -13,6 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import datasets
+import flag_checks
 import main
 from conftest import TINY_TRAIN_FLAGS
 from datasets.class_names import COCO_CLASS_NAMES
@@ -230,4 +231,4 @@ def test_save_detections_needs_eval_and_output_dir():
     for argv in (["--save_detections", "--output_dir", "x"], ["--save_detections", "--eval", "--resume", "x.pth"]):
         args = main.get_args_parser().parse_args(argv)
         with pytest.raises(UserError, match="--save_detections .* needs --eval and --output_dir"):
-            main.check_args(args)
+            flag_checks.check_args(args)

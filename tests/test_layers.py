@@ -18,8 +18,9 @@ FLOORS = (
     ("util",),                                      # generic helpers: boxes, distributed, logging, errors
     ("rundir", "datasets", "models"),               # one run's folder and checkpoints; the data; the networks
     ("engine", "visualize"),                        # train/evaluate one epoch; pictures of a model's outputs
-    ("options",),                                   # main.py's flags: declared once, with their meaning
-    ("inference",),                                 # a detector from a checkpoint (reads the flags' defaults)
+    ("options", "training"),                        # main.py's flags, declared once with their meaning; the epoch loop
+    ("flag_checks", "inference"),                   # the flags' checks; a detector from a checkpoint (flags' defaults)
+    ("run_setup",),                                 # one run's configuration, resolved once (flags + checkpoints)
     ("main", "predict", "export", "hubconf", "slurm", "experiments", "tests"),  # entry points
 )
 FLOOR = {unit: level for level, units in enumerate(FLOORS) for unit in units}
@@ -118,8 +119,17 @@ def import_cycles(graph: dict, root: Path) -> list[str]:
 @pytest.mark.quick
 def test_imports_only_point_down():
     graph = import_graph(REPO)
-    assert len(graph) > 50 and "rundir.checkpoint" in dict(graph["main"]) and "util.errors" in dict(graph["options"])
+    assert len(graph) > 50 and "rundir.checkpoint" in dict(graph["main"]) and "util.errors" in dict(graph["flag_checks"])
     assert upward_imports(graph, REPO) == []
+
+
+def test_main_and_the_epoch_loop_read_the_resolved_config_only():
+    """The flags are resolved in run_setup.py; main.py and training.py never reach back into their definitions
+    (docs/architecture.md, "The args journey"). main.py's one use of flag_checks is its early parse (fast --help)."""
+    graph = import_graph(REPO)
+    assert "run_setup" in dict(graph["main"]) and "options" in dict(graph["run_setup"])
+    assert "options" not in dict(graph["main"])
+    assert {"options", "flag_checks", "run_setup"}.isdisjoint(dict(graph["training"]))
 
 
 @pytest.mark.quick

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import flag_checks
 import main
 from models import build_model
 from util.errors import UserError
@@ -271,7 +272,7 @@ def test_invalid_flag_combinations_are_rejected(tiny_args, flags, flag_named):
         ["--backbone", "resnet18", "--num_classes", "5", "--device", "cpu"]
         + [f"--{k}" if v is True else f"--{k}={v}" for k, v in flags.items()])
     with pytest.raises(UserError, match=flag_named):
-        main.check_args(args)
+        flag_checks.check_args(args)
 
 
 

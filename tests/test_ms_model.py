@@ -10,6 +10,7 @@ import torch
 import main
 from models import build_model
 from models.multiscale import LevelBias, joint_prior
+import run_setup
 from tests.conftest import TINY_CLI, make_args
 from tests.test_fused_prior import compare, logit_error_bound
 from util.errors import UserError
@@ -167,7 +168,7 @@ def test_flags_are_architecture_flags():
 def run_main(argv):
     parser = main.get_args_parser()
     args = parser.parse_args(argv)
-    main.resolve_args(args)
+    run_setup.resolve_args(args)
     from rundir.run_config import explicit_flags
     return main.main(args, explicit_flags(parser, argv))
 

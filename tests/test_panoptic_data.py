@@ -16,6 +16,7 @@ from datasets import transforms as T
 from datasets.coco_panoptic import build_coco_panoptic, rgb2id
 from datasets.synthetic_panoptic import ID_STRIDE, MAX_THING_ID, STUFF, ensure_synthetic_panoptic
 from models.postprocess_segm import PostProcessPanoptic, PostProcessSegm
+import run_setup
 from util.errors import UserError
 
 SIZES = dict(train_size=6, val_size=3, image_size=64)
@@ -91,7 +92,7 @@ def test_build_dataset_with_masks_uses_the_panoptic_set(tmp_path):
     args = main.get_args_parser().parse_args(
         ["--masks", "--synthetic_root", str(tmp_path), "--synthetic_train_size", "4", "--synthetic_val_size", "2",
          "--synthetic_image_size", "64", "--device", "cpu"])
-    main.resolve_args(args)
+    run_setup.resolve_args(args)
     assert args.dataset_file == "synthetic_panoptic" and args.num_classes == 8
     assert datasets.stuff_ids(args) == {cat_id for cat_id, _, _ in STUFF}  # from the panoptic JSON's 'isthing'
     dataset = datasets.build_dataset("train", args)

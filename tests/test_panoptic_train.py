@@ -118,6 +118,7 @@ def test_a_short_run_that_memorises_two_images_reaches_pq_above_zero(tmp_path, c
     import engine
     import main
     from models import build_model
+    import run_setup
     from util.misc import collate_fn
 
     torch.manual_seed(0)
@@ -127,7 +128,7 @@ def test_a_short_run_that_memorises_two_images_reaches_pq_above_zero(tmp_path, c
             "--enc_layers", "1", "--dec_layers", "1", "--num_queries", "6", "--dropout", "0", "--lr", "1e-3",
             "--lr_backbone", "1e-3", "--device", "cpu"]
     args = main.get_args_parser().parse_args(argv)
-    main.resolve_args(args)
+    run_setup.resolve_args(args)
     model, criterion, postprocessors = build_model(args, stuff_ids=datasets.stuff_ids(args))
     images = datasets.build_dataset("val", args)  # DETR's evaluation transform: the same pixels every step
     steps = torch.utils.data.DataLoader(torch.utils.data.Subset(images, [0, 1] * 150), batch_size=2,

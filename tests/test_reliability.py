@@ -11,6 +11,7 @@ import torch
 
 import main
 from models import build_model
+import run_setup
 from rundir.preemption import REQUEUE_EXIT_CODE
 from tests.cli import Watched, run_main
 
@@ -92,7 +93,7 @@ def _official_like(tmp_path, name, synthetic_root, dilation=False):
     if dilation:  # DC5 needs bottleneck blocks
         argv += ["--backbone", "resnet50", "--dilation"]
     args = main.get_args_parser().parse_args(argv)
-    main.resolve_args(args)
+    run_setup.resolve_args(args)
     model, _, _ = build_model(args)
     path = tmp_path / name
     torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=1e-4, backbone="resnet18")}, path)

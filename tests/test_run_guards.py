@@ -13,6 +13,7 @@ from torch import nn
 
 import main
 from models import build_model
+import run_setup
 from tests.conftest import TINY_CLI, make_args
 from rundir import checkpoint as ckpt
 from rundir import checkpoint_space
@@ -86,7 +87,7 @@ def test_detr_layout_into_an_smca_model_names_finetune_from():
 def test_weights_only_file_starts_at_epoch_zero_and_says_so(tmp_path, capsys):
     argv = [*TINY_CLI, "--synthetic_root", str(tmp_path / "synthetic"), "--epochs", "1", "--max_iters_per_epoch", "1"]
     args = main.get_args_parser().parse_args(argv)
-    main.resolve_args(args)
+    run_setup.resolve_args(args)
     model = build_model(args)[0]
     weights = tmp_path / "weights.pth"
     torch.save({"model": model.state_dict(), "config": run_config.config_to_dict(args)}, weights)

@@ -10,6 +10,7 @@ from models.criterion import SetCriterion
 from models.segmentation import DETRsegm, MHAttentionMap
 from test_detr_layout import RESNET_DEPTHS, assert_checkpoint_layout, detr_checkpoint_shapes
 from test_models import ZERO_INPUT_AT_INIT, images
+import run_setup
 from util.misc import nested_tensor_from_tensor_list
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -44,7 +45,7 @@ def build_panoptic(*flags):
     """DETR's panoptic model as its README command builds it (--masks --dataset_file coco_panoptic), no data read."""
     args = main.get_args_parser().parse_args(
         ["--masks", "--dataset_file", "coco_panoptic", "--backbone_weights", "none", "--device", "cpu", *flags])
-    main.resolve_args(args)
+    run_setup.resolve_args(args)
     assert args.num_classes == COCO_PANOPTIC_CLASSES
     return build_model(args)[0]
 

@@ -7,6 +7,7 @@ import torch
 import main
 from experiments import sweeps
 from models import build_model
+import run_setup
 
 SWEEPS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.sweep"))
 
@@ -18,7 +19,7 @@ def test_every_run_builds_its_model(path, single_thread):
     assert runs
     for run in runs:
         args = main.get_args_parser().parse_args(run.argv + ["--device", "cpu", "--num_classes", "91"])
-        main.resolve_args(args)
+        run_setup.resolve_args(args)
         with torch.device("meta"):  # shapes and modules only, no memory or init cost
             model, criterion, _ = build_model(args)
         assert model.num_queries == args.num_queries

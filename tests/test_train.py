@@ -6,6 +6,7 @@ import torch
 
 import main
 from models import build_model
+import run_setup
 from tests.cli import run_main
 from util.misc import collate_fn
 
@@ -27,7 +28,7 @@ def run_cli(argv):
 
 def tiny_args(synthetic_root, *extra):
     args = main.get_args_parser().parse_args([*TINY, "--synthetic_root", synthetic_root, *extra])
-    main.resolve_args(args)
+    run_setup.resolve_args(args)
     return args
 
 

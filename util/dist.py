@@ -20,6 +20,11 @@ def get_rank() -> int:
     return dist.get_rank() if is_dist_avail_and_initialized() else 0
 
 
+def default_device() -> str:
+    """--device when left out: cuda when available, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def is_main_process() -> bool:
     return get_rank() == 0
 
