@@ -65,8 +65,6 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
     splits = ("val",) if args.eval else ("train", "val")
     datasets.check_paths(args, splits)
     run = resolve_run(args, explicit)
-    for message in run.messages:
-        print(message)
     # every annotation file the run reads, before any model is built (docs/data-checks.md); after the flags a
     # checkpoint sets (--masks decides whether masks are scored)
     datasets.check_data(args, splits)

@@ -31,7 +31,6 @@ class Resolved:
     resume_path: str  # the checkpoint this run continues or evaluates ('' when none)
     checkpoint: Optional[dict]  # its contents
     frozen: Optional[dict]  # --frozen_weights' checkpoint: its detector is loaded and frozen
-    messages: list  # the flags taken from the checkpoints, one line each, for the console
     summary: str  # the flags that differ from the defaults and the ablation line, for the console
 
 
@@ -43,23 +42,23 @@ def parse_command_line(argv: list) -> tuple[argparse.Namespace, set]:
 
 def resolve_run(args: argparse.Namespace, explicit=frozenset()) -> Resolved:
     """The run's configuration from its flags ``args`` and the names the user wrote (``explicit``): see the module
-    docstring. Raises UserError on a flag that conflicts with a checkpoint or with another flag."""
+    docstring. Prints each flag it takes from a checkpoint; UserError on a flag that conflicts with a checkpoint
+    or with another flag."""
     resume_path = _resume_path(args)
     checkpoint = ckpt.load_checkpoint(resume_path, trust=args.trust_checkpoint) if resume_path else None
     if args.eval and checkpoint is None and not args.finetune_from and not args.eval_untrained:
         raise UserError(f"--eval --resume auto: no checkpoint.pth in {args.output_dir} to evaluate; pass "
                         f"--resume PATH, or --eval_untrained to score the untrained model on purpose")
-    messages = []
     if checkpoint is not None:
-        messages += _adopt_architecture(args, explicit, checkpoint, resume_path)
+        _adopt_architecture(args, explicit, checkpoint, resume_path)
     # DETR's second stage: the detector of a box checkpoint, frozen; --masks is what this run adds
     frozen = ckpt.load_checkpoint(args.frozen_weights, trust=args.trust_checkpoint) if args.frozen_weights else None
     if frozen is not None:
-        messages += _adopt_architecture(args, explicit, frozen, args.frozen_weights, ignore={"masks"})
+        _adopt_architecture(args, explicit, frozen, args.frozen_weights, ignore={"masks"})
     # after the checkpoints: stored configs hold resolved values, and the defaults follow the adopted flags
     resolve_args(args)
     return Resolved(args, frozenset(explicit), run_config.config_to_dict(args), resume_path, checkpoint, frozen,
-                    messages, f"{format_config(args)}\n{ablation_summary(args)}")
+                    f"{format_config(args)}\n{ablation_summary(args)}")
 
 
 def _resume_path(args) -> str:
@@ -71,14 +70,17 @@ def _resume_path(args) -> str:
     return str(path) if path.exists() else ""
 
 
-def _adopt_architecture(args, explicit, checkpoint: dict, path: str, ignore=()) -> list:
+def _adopt_architecture(args, explicit, checkpoint: dict, path: str, ignore=()) -> None:
     """The architecture flags from a checkpoint's config, or inferred from an official DETR checkpoint's weights;
-    returns the messages to print."""
+    prints what it takes."""
     stored = checkpoint.get("config")
     if stored:
-        return (run_config.reconcile_config(args, explicit, stored, ARCH_FLAGS, path, ignore)
-                + run_config.dc5_batch_warning(args))
-    return run_config.infer_official_config(checkpoint["model"], path, args, explicit, ignore)
+        messages = (run_config.reconcile_config(args, explicit, stored, ARCH_FLAGS, path, ignore)
+                    + run_config.dc5_batch_warning(args))
+    else:
+        messages = run_config.infer_official_config(checkpoint["model"], path, args, explicit, ignore)
+    for message in messages:
+        print(message)
 
 
 def resolve_args(args) -> None:
