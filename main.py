@@ -24,6 +24,7 @@ from torch.utils.data.distributed import DistributedSampler
 import datasets
 import engine
 from models import build_model
+from models.acceleration import accelerate, compile_report
 from options import (ARCH_FLAGS, ablation_summary, check_args, default_device,  # noqa: F401 (DETR's API)
                      format_config, get_args_parser, main_parser, parse_main, resolve_args)
 from rundir import checkpoint as ckpt
@@ -235,6 +236,8 @@ def main(args, explicit=frozenset()):
     finally:
         if folder is not None:
             folder.release()
+        if args.compile:
+            print(compile_report())
 
 
 def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
@@ -277,6 +280,7 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
             print(line)
     if checkpoint is not None:
         model_weights.load_model_weights(model_without_ddp, checkpoint["model"])
+    model, criterion = accelerate(model, criterion, args.channels_last, args.compile, args.compile_criterion)
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)

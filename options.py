@@ -23,6 +23,9 @@ DATASET_NAMES = ("coco", "coco_panoptic", "voc", "synthetic", "synthetic_panopti
 COCO_BACKEND_NAMES = ("faster_coco_eval", "pycocotools")
 DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
 PRIOR_IMPLS = ("fused", "explicit")  # models/spatial_prior.py
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # torch.compile backends (models/acceleration.py)
+# model flags --compile refuses (flag -> why), each found failing (docs/training-and-run-folders.md, "Speed flags")
+COMPILE_REFUSED = {}
 # multi-scale SMCA (docs/multiscale-smca.md): feature strides per --ms_levels value, plain tuples so --help stays light
 MS_LEVELS = ("none", "16,32,64", "8,16,32,64")
 MS_ENCODERS = ("attn", "dwconv")
@@ -340,6 +343,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "pycocotools (the reference)")
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    # speed (models/acceleration.py): the same weights and, within float32 rounding, the same numbers
+    books("--channels_last", action="store_true",
+          help="the ResNet trunk and its input in channels-last memory format, for training and evaluation")
+    books("--compile", nargs="?", const="inductor", default=None, choices=COMPILE_BACKENDS, metavar="BACKEND",
+          help="torch.compile the model with dynamic shapes (one compilation for every image size); BACKEND: "
+               "inductor (default), aot_eager or eager")
+    books("--compile_criterion", action="store_true", help="with --compile: compile the criterion too")
     books("--log_every", default=20, type=int, help="progress line and TensorBoard point every N steps")
     books("--save_every", default=100, type=int, help="keep checkpoint{epoch:04}.pth every N epochs")
     parser.add_argument("--skip_nonfinite", default=0, type=int,
@@ -389,6 +399,7 @@ def check_args(args) -> None:
         raise UserError(f"--dilation needs a bottleneck ResNet (resnet50 or resnet101); torchvision's "
                         f"{args.backbone} blocks do not support dilation")
     _check_multiscale(args)
+    check_speed_flags(args)
     if min(args.skip_nonfinite, args.max_iters_per_epoch, args.start_epoch, args.num_workers) < 0:
         raise UserError("--skip_nonfinite, --max_iters_per_epoch, --start_epoch and --num_workers must be >= 0")
     if args.eval and not (args.resume or args.finetune_from or args.eval_untrained):
@@ -412,6 +423,16 @@ def check_args(args) -> None:
         raise UserError(f"--amp uses bf16 autocast on CUDA; --device is {args.device}")
     if args.device.startswith("cuda") and default_device() != "cuda":
         raise UserError(f"--device {args.device} but CUDA is not available; use --device cpu")
+
+
+def check_speed_flags(args) -> None:
+    """--compile: refuse, in one line, what it does not handle (docs/training-and-run-folders.md, "Speed flags")."""
+    if args.compile_criterion and not args.compile:
+        raise UserError("--compile_criterion compiles the criterion along with the model; it needs --compile")
+    if args.compile:
+        for flag, reason in COMPILE_REFUSED.items():
+            if getattr(args, flag) not in (False, "none"):
+                raise UserError(f"--compile with --{flag}: {reason}; drop --compile (this run then runs eagerly)")
 
 
 def default_device() -> str:
