@@ -25,7 +25,8 @@ DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
 PRIOR_IMPLS = ("fused", "explicit")  # models/spatial_prior.py
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # torch.compile backends (models/acceleration.py)
 # model flags --compile refuses (flag -> why), each found failing (docs/training-and-run-folders.md, "Speed flags")
-COMPILE_REFUSED = {}
+COMPILE_REFUSED = {"ms_levels": "the multi-scale model compiles again when the image size changes, so it would "
+                                 "recompile batch after batch"}
 # multi-scale SMCA (docs/multiscale-smca.md): feature strides per --ms_levels value, plain tuples so --help stays light
 MS_LEVELS = ("none", "16,32,64", "8,16,32,64")
 MS_ENCODERS = ("attn", "dwconv")

@@ -37,6 +37,8 @@ def compile_module(module: nn.Module, backend: str) -> nn.Module:
     """``torch.compile`` with dynamic shapes (see the module docstring). The returned module shares the
     parameters of ``module``; save and load the weights through ``module`` (the compiled one prefixes
     '_orig_mod.' to every name)."""
+    # past torch's recompile limit a frame would silently run eagerly from then on; a run stops instead
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     return torch.compile(module, backend=backend, dynamic=True)
 
 
