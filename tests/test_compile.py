@@ -100,3 +100,20 @@ def test_parse_time_refusals(capsys):
             main.parse_main([*argv, "--device", "cpu"])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_one_epoch_run_compiles_twice_and_reports_it(tmp_path, cli_synthetic_root, capsys):
+    """The tiny CLI run (randomly resized 64-px images, 2 training steps, evaluation of 4 images) with --compile
+    (backend eager: TorchDynamo's capture alone, the part that decides recompilations): one frame for training,
+    one for evaluation (eval mode and no_grad are other guards), no graph break; main prints the counts last,
+    and the checkpoint holds the uncompiled names."""
+    from tests.conftest import TINY_CLI
+
+    out = tmp_path / "run"
+    args = main.parse_main([*TINY_CLI, "--synthetic_root", cli_synthetic_root, "--epochs", "1", "--eval_every", "1",
+                            "--dynamic_scale", "type2", "--output_dir", str(out), "--compile", "eager"])
+    assert "coco_eval_bbox" in main.main(args)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "torch.compile: 2 frame compilations, 2 graphs, 0 graph breaks"
+    state = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
+    assert not any(name.startswith("_orig_mod.") for name in state)
