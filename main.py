@@ -280,7 +280,7 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
             print(line)
     if checkpoint is not None:
         model_weights.load_model_weights(model_without_ddp, checkpoint["model"])
-    model, criterion = accelerate(model, criterion, args.channels_last, args.compile, args.compile_criterion)
+    model = accelerate(model, args.channels_last, args.compile)
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)

@@ -350,7 +350,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     books("--compile", nargs="?", const="inductor", default=None, choices=COMPILE_BACKENDS, metavar="BACKEND",
           help="torch.compile the model with dynamic shapes (one compilation for every image size); BACKEND: "
                "inductor (default), aot_eager or eager")
-    books("--compile_criterion", action="store_true", help="with --compile: compile the criterion too")
     books("--log_every", default=20, type=int, help="progress line and TensorBoard point every N steps")
     books("--save_every", default=100, type=int, help="keep checkpoint{epoch:04}.pth every N epochs")
     parser.add_argument("--skip_nonfinite", default=0, type=int,
@@ -428,8 +427,6 @@ def check_args(args) -> None:
 
 def check_speed_flags(args) -> None:
     """--compile: refuse, in one line, what it does not handle (docs/training-and-run-folders.md, "Speed flags")."""
-    if args.compile_criterion and not args.compile:
-        raise UserError("--compile_criterion compiles the criterion along with the model; it needs --compile")
     if args.compile:
         for flag, reason in COMPILE_REFUSED.items():
             if getattr(args, flag) not in (False, "none"):

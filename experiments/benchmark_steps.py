@@ -50,14 +50,13 @@ def _float32(outputs: dict) -> dict:
 
 class Built:
     """One cell's model, criterion and post-processors, built once and shared by its training and inference
-    steps, with main.py's speed flags applied (--channels_last, --compile, --compile_criterion)."""
+    steps, with main.py's speed flags applied (--channels_last, --compile)."""
 
     def __init__(self, args, device: torch.device):
         torch.manual_seed(MODEL_SEED)  # identical weights for the parameters every variant shares
         model, criterion, self.postprocessors = build_model(args, backbone_weights="none")
         self.module = model.to(device)  # uncompiled: its parameters are the optimizer's
-        self.model, self.criterion = accelerate(self.module, criterion.to(device), args.channels_last, args.compile,
-                                                args.compile_criterion)
+        self.model, self.criterion = accelerate(self.module, args.channels_last, args.compile), criterion.to(device)
 
 
 def make_train_step(args, samples, targets, device: torch.device, built: Optional[Built] = None) -> Callable[[], None]:

@@ -4,13 +4,13 @@
 channels_last: the ResNet trunk's 4-D weights and its input image batch in channels-last (NHWC) memory format.
   Only the trunk: it is where the convolutions are; the transformer flattens the feature map either way.
   The weights keep their names and values (a state_dict is the same, a checkpoint loads into either layout).
-compile: ``torch.compile`` of the model (and optionally the criterion) with dynamic shapes (``dynamic=True``):
+compile: ``torch.compile`` of the model with dynamic shapes (``dynamic=True``):
   DETR pads each batch to its own largest image, so the image size changes from batch to batch; with static
   shapes every new size would be a new compilation. Dynamic shapes compile once per graph for every size.
   ``compile_counts()`` reads torch._dynamo's counters: how many frames were compiled (recompilations included)
   and how many graph breaks were met, for the run's last line.
 """
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -42,17 +42,13 @@ def compile_module(module: nn.Module, backend: str) -> nn.Module:
     return torch.compile(module, backend=backend, dynamic=True)
 
 
-def accelerate(model: nn.Module, criterion: nn.Module, channels_last: bool = False,
-               compile_backend: Optional[str] = None, compile_criterion: bool = False) -> Tuple[nn.Module, nn.Module]:
-    """(model, criterion) with the speed options applied: the trunk in channels-last format (in place), then
-    the model compiled when ``compile_backend`` names a torch.compile backend, and the criterion too with
-    ``compile_criterion``. The uncompiled ``model`` stays the one to save and load."""
+def accelerate(model: nn.Module, channels_last: bool = False, compile_backend: Optional[str] = None) -> nn.Module:
+    """``model`` with the speed options applied: the trunk in channels-last format (in place), then compiled when
+    ``compile_backend`` names a torch.compile backend. The uncompiled ``model`` stays the one to save and load.
+    The criterion is not compiled: see docs/training-and-run-folders.md, "Speed flags"."""
     if channels_last:
         to_channels_last(model)
-    if compile_backend:
-        model = compile_module(model, compile_backend)
-        criterion = compile_module(criterion, compile_backend) if compile_criterion else criterion
-    return model, criterion
+    return compile_module(model, compile_backend) if compile_backend else model
 
 
 def compile_counts() -> Dict[str, int]:

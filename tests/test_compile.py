@@ -88,11 +88,10 @@ def test_compiled_equals_eager_and_compiles_once(tiny_args, variant):
 @pytest.mark.quick
 def test_parse_time_refusals(capsys):
     args = main.parse_main(["--compile", "--device", "cpu"])
-    assert args.compile == "inductor" and not args.channels_last and not args.compile_criterion
+    assert args.compile == "inductor" and not args.channels_last
     assert main.parse_main(["--compile", "aot_eager", "--device", "cpu"]).compile == "aot_eager"
     assert main.parse_main(["--device", "cpu"]).compile is None
-    refused = [(["--compile_criterion"], "--compile_criterion compiles the criterion along with the model"),
-               (["--compile", "--dynamic_scale", "type2", "--ms_levels", "16,32,64"], "--compile with --ms_levels:"),
+    refused = [(["--compile", "--dynamic_scale", "type2", "--ms_levels", "16,32,64"], "--compile with --ms_levels:"),
                (["--compile", "tvm"], "--compile: invalid choice: 'tvm'")]
     assert set(COMPILE_REFUSED) == {"ms_levels"}
     for argv, message in refused:
