@@ -431,6 +431,10 @@ def check_speed_flags(args) -> None:
         for flag, reason in COMPILE_REFUSED.items():
             if getattr(args, flag) not in (False, "none"):
                 raise UserError(f"--compile with --{flag}: {reason}; drop --compile (this run then runs eagerly)")
+        if args.compile == "inductor" and args.fixed_size is None and not args.eval:
+            raise UserError("--compile inductor compiles the training step again for every feature-map size (its "
+                            "convolution backward specialises on it); pass --fixed_size N|HxW (one padded canvas, "
+                            "one compilation) or --compile aot_eager")
 
 
 def default_device() -> str:

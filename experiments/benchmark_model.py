@@ -52,7 +52,7 @@ from util.errors import UserError
 
 # flags the benchmark sets itself; passing them after -- would silently lose or fight the grid
 RESERVED_FLAGS = ("--num_queries", "--dynamic_scale", "--head_mixture", "--query_mixture", "--prior_impl",
-                  "--batch_size", "--device", "--amp", "--channels_last", "--compile")
+                  "--batch_size", "--device", "--amp", "--channels_last", "--compile", "--fixed_size")
 MODEL_VARIANTS = {**VARIANTS, **MULTISCALE_VARIANTS}
 DEFAULT_ACCEL = "default"
 # accel name -> main.py speed flags (docs/training-and-run-folders.md, "Speed flags"); compile: --compile_backend
@@ -118,8 +118,11 @@ def _parse_model_flags(argv: List[str]) -> argparse.Namespace:
 def variant_args(config: Config, variant: str, queries: int, route: str = NO_ROUTE,
                  accel: str = DEFAULT_ACCEL) -> argparse.Namespace:
     """Resolved main.py args for one grid cell; bad combinations raise UserError from main.resolve_args."""
-    speed = [part for flag in ACCELS[accel] for part in ([flag, config.compile_backend] if flag == "--compile"
-                                                         else [flag])]
+    # --compile inductor trains only on one canvas (options.check_speed_flags); the benchmark feeds one fixed
+    # batch per size, never through the data pipeline that reads --fixed_size, so the first size stands for it
+    canvas = ["--fixed_size", f"{config.sizes[0][0]}x{config.sizes[0][1]}"] if config.sizes else []
+    speed = [part for flag in ACCELS[accel] for part in ([flag, config.compile_backend] + canvas
+                                                         if flag == "--compile" else [flag])]
     argv = (["--num_classes", str(COCO_NUM_CLASSES)] + config.model_flags + MODEL_VARIANTS[variant]
             + ["--num_queries", str(queries), "--batch_size", str(config.batch_size), "--device", config.device]
             + ([] if route == NO_ROUTE else ["--prior_impl", route]) + (["--amp"] if config.amp else [])

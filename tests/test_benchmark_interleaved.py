@@ -119,6 +119,9 @@ def test_interleaved_order_over_cells(monkeypatch):
     assert seen["names"] == ["none (-, default) train", "type1 (fused, default) train"]
     assert rows[1].vs_none["train_time"].median == 2.0 and rows[1].vs_none["train_time"].resolved
     assert rows[1].mem_vs_none["train"] == 1.0 and rows[1].vs_default["train_cpu"].median == 1.0
+    # the compile accels resolve with inductor on one canvas (main.py refuses inductor training without one)
+    both = benchmark_model.variant_args(config, "type1", 5, "fused", "both")
+    assert (both.compile, both.channels_last, both.fixed_size) == ("inductor", True, (32, 32))
 
 
 @pytest.mark.parametrize("argv, message", [

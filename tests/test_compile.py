@@ -87,12 +87,14 @@ def test_compiled_equals_eager_and_compiles_once(tiny_args, variant):
 
 @pytest.mark.quick
 def test_parse_time_refusals(capsys):
-    args = main.parse_main(["--compile", "--device", "cpu"])
+    args = main.parse_main(["--compile", "--fixed_size", "512", "--device", "cpu"])
     assert args.compile == "inductor" and not args.channels_last
     assert main.parse_main(["--compile", "aot_eager", "--device", "cpu"]).compile == "aot_eager"
     assert main.parse_main(["--device", "cpu"]).compile is None
+    assert main.parse_main(["--compile", "--eval", "--eval_untrained", "--device", "cpu"]).compile == "inductor"
     refused = [(["--compile", "--dynamic_scale", "type2", "--ms_levels", "16,32,64"], "--compile with --ms_levels:"),
-               (["--compile", "tvm"], "--compile: invalid choice: 'tvm'")]
+               (["--compile", "tvm"], "--compile: invalid choice: 'tvm'"),
+               (["--compile"], "--compile inductor compiles the training step again for every feature-map size")]
     assert set(COMPILE_REFUSED) == {"ms_levels"}
     for argv, message in refused:
         with pytest.raises(SystemExit) as exit_info:
