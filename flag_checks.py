@@ -5,7 +5,7 @@ The flags themselves, their defaults and their meaning for checkpoints are decla
 """
 import argparse
 
-from options import COCO_PATH_FLAGS, ENC_PATTERN_LAYERS, MS_DEFAULTS, MS_LEVELS, main_parser
+from options import COCO_PATH_FLAGS, COMPILE_REFUSED, ENC_PATTERN_LAYERS, MS_DEFAULTS, MS_LEVELS, main_parser
 from util.errors import UserError
 
 
@@ -60,6 +60,7 @@ def check_args(args) -> None:
         raise UserError(f"--dilation needs a bottleneck ResNet (resnet50 or resnet101); torchvision's "
                         f"{args.backbone} blocks do not support dilation")
     _check_multiscale(args)
+    check_speed_flags(args)
     if min(args.skip_nonfinite, args.max_iters_per_epoch, args.start_epoch, args.num_workers) < 0:
         raise UserError("--skip_nonfinite, --max_iters_per_epoch, --start_epoch and --num_workers must be >= 0")
     if args.eval and not (args.resume or args.finetune_from or args.eval_untrained):
@@ -85,6 +86,18 @@ def check_args(args) -> None:
         raise UserError(f"--amp uses bf16 autocast on CUDA; --device is {args.device}")
     if args.device.startswith("cuda") and default_device() != "cuda":
         raise UserError(f"--device {args.device} but CUDA is not available; use --device cpu")
+
+
+def check_speed_flags(args) -> None:
+    """--compile: refuse, in one line, what it does not handle (docs/training-and-run-folders.md, "Speed flags")."""
+    if args.compile:
+        for flag, reason in COMPILE_REFUSED.items():
+            if getattr(args, flag) not in (False, "none"):
+                raise UserError(f"--compile with --{flag}: {reason}; drop --compile (this run then runs eagerly)")
+        if args.compile == "inductor" and args.fixed_size is None and not args.eval:
+            raise UserError("--compile inductor compiles the training step again for every feature-map size (its "
+                            "convolution backward specialises on it); pass --fixed_size N|HxW (one padded canvas, "
+                            "one compilation) or --compile aot_eager")
 
 
 def _continues_folder(args) -> bool:

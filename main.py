@@ -23,6 +23,7 @@ import datasets
 import engine
 import training
 from models import build_model
+from models.acceleration import accelerate, compile_report
 from rundir import checkpoint as ckpt
 from rundir import model_weights, run_folder
 from rundir.preemption import INTERRUPT_EXIT_CODE
@@ -48,6 +49,8 @@ def main(args, explicit=frozenset()):
     finally:
         if folder is not None:
             folder.release()
+        if args.compile:
+            print(compile_report())
 
 
 def _start_processes(args) -> None:
@@ -77,6 +80,7 @@ def _run(args, explicit, folder: Optional[run_folder.RunFolder]):
     model.to(device)
     model_without_ddp = model
     _load_weights(model_without_ddp, run)
+    model = accelerate(model, args.channels_last, args.compile)
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)

@@ -22,6 +22,10 @@ DATASET_NAMES = ("coco", "coco_panoptic", "voc", "synthetic", "synthetic_panopti
 COCO_BACKEND_NAMES = ("faster_coco_eval", "pycocotools")
 DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
 PRIOR_IMPLS = ("fused", "explicit")  # models/spatial_prior.py
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # torch.compile backends (models/acceleration.py)
+# model flags --compile refuses (flag -> why), each found failing (docs/training-and-run-folders.md, "Speed flags")
+COMPILE_REFUSED = {"ms_levels": "the multi-scale model compiles again when the image size changes, so it would "
+                                 "recompile batch after batch"}
 # multi-scale SMCA (docs/multiscale-smca.md): feature strides per --ms_levels value, plain tuples so --help stays light
 MS_LEVELS = ("none", "16,32,64", "8,16,32,64")
 MS_ENCODERS = ("attn", "dwconv")
@@ -327,6 +331,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "pycocotools (the reference)")
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    # speed (models/acceleration.py): the same weights and, within float32 rounding, the same numbers
+    books("--channels_last", action="store_true",
+          help="the ResNet trunk and its input in channels-last memory format, for training and evaluation")
+    books("--compile", nargs="?", const="inductor", default=None, choices=COMPILE_BACKENDS, metavar="BACKEND",
+          help="torch.compile the model with dynamic shapes (one compilation for every image size); BACKEND: "
+               "inductor (default), aot_eager or eager")
     books("--log_every", default=20, type=int, help="progress line and TensorBoard point every N steps")
     books("--save_every", default=100, type=int, help="keep checkpoint{epoch:04}.pth every N epochs")
     parser.add_argument("--skip_nonfinite", default=0, type=int,

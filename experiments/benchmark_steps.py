@@ -4,12 +4,13 @@ inference step of a freshly built model, and their time and peak memory.
   train:     forward + criterion + backward + gradient clipping (--clip_max_norm, 0.1 as DETR) + AdamW step
   inference: model.eval(), no_grad, forward + post-processing
 """
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from experiments.benchmark_common import Timing, autocast, peak_memory, time_calls
+from experiments.benchmark_common import autocast, peak_memory
 from models import build_model
+from models.acceleration import accelerate
 from util.misc import nested_tensor_from_tensor_list
 
 BOXES_PER_IMAGE = (3, 6)  # inclusive range of random boxes per synthetic image
@@ -47,47 +48,57 @@ def _float32(outputs: dict) -> dict:
             for k, v in outputs.items()}
 
 
-def _build(args, device: torch.device):
-    torch.manual_seed(MODEL_SEED)  # identical weights for the parameters every variant shares
-    model, criterion, postprocessors = build_model(args, backbone_weights="none")
-    return model.to(device), criterion.to(device), postprocessors
+class Built:
+    """One cell's model, criterion and post-processors, built once and shared by its training and inference
+    steps, with main.py's speed flags applied (--channels_last, --compile)."""
+
+    def __init__(self, args, device: torch.device):
+        torch.manual_seed(MODEL_SEED)  # identical weights for the parameters every variant shares
+        model, criterion, self.postprocessors = build_model(args, backbone_weights="none")
+        self.module = model.to(device)  # uncompiled: its parameters are the optimizer's
+        self.model, self.criterion = accelerate(self.module, args.channels_last, args.compile), criterion.to(device)
 
 
-def make_train_step(args, samples, targets, device: torch.device) -> Callable[[], None]:
-    """One DETR training step: forward, criterion, backward, clip to --clip_max_norm, AdamW step."""
-    model, criterion, _ = _build(args, device)
-    model.train()
-    criterion.train()
-    backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
-    rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
+def make_train_step(args, samples, targets, device: torch.device, built: Optional[Built] = None) -> Callable[[], None]:
+    """One DETR training step: forward, criterion, backward, clip to --clip_max_norm, AdamW step. The gradients
+    are freed after the step, so cells that wait for their next round keep only weights and optimizer state."""
+    built = built or Built(args, device)
+    model, criterion = built.model, built.criterion
+    named = list(built.module.named_parameters())
+    backbone = [p for n, p in named if "backbone" in n and p.requires_grad]
+    rest = [p for n, p in named if "backbone" not in n and p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": rest, "lr": args.lr}, {"params": backbone, "lr": args.lr_backbone}],
                                   lr=args.lr, weight_decay=args.weight_decay)
     weights = criterion.weight_dict
     amp = args.amp
 
     def step() -> None:
+        model.train()
+        criterion.train()
         with autocast(device, amp):
             outputs = model(samples)
         loss_dict = criterion(_float32(outputs), targets)
         loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
+            torch.nn.utils.clip_grad_norm_(built.module.parameters(), args.clip_max_norm)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     return step
 
 
-def make_inference_step(args, samples, targets, device: torch.device) -> Callable[[], None]:
+def make_inference_step(args, samples, targets, device: torch.device,
+                        built: Optional[Built] = None) -> Callable[[], None]:
     """Inference as in evaluation: eval mode, no_grad, forward and post-processing to absolute boxes."""
-    model, _, postprocessors = _build(args, device)
-    model.eval()
+    built = built or Built(args, device)
+    model, postprocessors = built.model, built.postprocessors
     orig_sizes = torch.stack([t["orig_size"] for t in targets])  # (B, 2)
     amp = args.amp
 
     @torch.no_grad()
     def step() -> None:
+        model.eval()
         with autocast(device, amp):
             outputs = model(samples)
         postprocessors["bbox"](_float32(outputs), orig_sizes)
@@ -96,12 +107,6 @@ def make_inference_step(args, samples, targets, device: torch.device) -> Callabl
 
 
 STEPS = {"train": make_train_step, "infer": make_inference_step}
-
-
-def time_step(kind: str, args, batch, device: torch.device, warmup: int, iters: int) -> Timing:
-    """Build a fresh model for ``kind`` ('train' | 'infer'), run ``warmup`` untimed and ``iters`` timed calls."""
-    samples, targets = batch
-    return time_calls(lambda: STEPS[kind](args, samples, targets, device), device, warmup, iters)
 
 
 def memory_step(kind: str, args, batch, device: torch.device, meter) -> int:

@@ -1,8 +1,6 @@
-"""experiments/benchmark*.py: real tiny runs of both modes (model: DETR vs type2 on both routes; coattn: one
-co-attention with and without the prior), the round-robin aggregation, the dispatch, and bad input."""
-import csv
+"""experiments/benchmark*.py: real tiny runs of the coattn mode (one co-attention with and without the prior), the
+dispatch, the shared helpers, and bad input (the model mode's runs: tests/test_benchmark_interleaved.py)."""
 import json
-import statistics
 import time
 
 import pytest
@@ -21,109 +19,6 @@ def _table_rows(text):
     """Markdown table lines split into cells: header first, separator dropped."""
     lines = [line for line in text.splitlines() if line.startswith("|")]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if not line.startswith("|---")]
-
-
-def test_tiny_run_none_vs_type2_on_both_routes(tmp_path, capsys):
-    json_path, csv_path = tmp_path / "bench.json", tmp_path / "bench.csv"
-    rc = benchmark.cli(["--variants", "none", "type2", "--queries", str(QUERIES), "--sizes", str(SIZE),
-                        "--batch_size", str(BATCH), "--iters", str(ITERS), "--warmup", "0", "--device", "cpu",
-                        "--json", str(json_path), "--csv", str(csv_path), "--"] + TINY_MODEL)
-    out = capsys.readouterr().out
-    assert rc == 0
-
-    rows = {(row["variant"], row["route"]): row for row in json.loads(json_path.read_text())["rows"]}
-    assert list(rows) == [("none", "-"), ("type2", "fused"), ("type2", "explicit")]
-    for row in rows.values():
-        assert (row["queries"], row["height"], row["width"], row["batch_size"]) == (QUERIES, SIZE, 107, BATCH)
-        for kind in ("train", "infer"):
-            times = row[f"{kind}_times"]
-            assert len(times) == ITERS and all(t > 0 for t in times)
-            assert row[f"{kind}_s"] == statistics.median(times)
-            assert row[f"{kind}_img_s"] == BATCH / row[f"{kind}_s"]
-            assert row[f"{kind}_mem_mib"] > 0
-    base, smca = rows["none", "-"], rows["type2", "fused"]
-    for kind in ("train", "infer"):
-        for row in rows.values():
-            assert len(row[f"{kind}_cpu_times"]) == ITERS and all(t > 0 for t in row[f"{kind}_cpu_times"])
-            assert row[f"{kind}_cpu_s"] == statistics.median(row[f"{kind}_cpu_times"])
-        for ratio in ("time", "cpu", "mem"):
-            assert base[f"{kind}_{ratio}_ratio"] == 1.0
-    assert smca["train_time_ratio"] == pytest.approx(smca["train_s"] / base["train_s"])
-    assert smca["infer_mem_ratio"] == pytest.approx(smca["infer_mem_mib"] / base["infer_mem_mib"])
-
-    header, *table = _table_rows(out)
-    assert header == benchmark_model.table_columns("cpu")
-    assert {"train time /none", "train cpu /none", "infer mem /none"} <= set(header)
-    assert [cells[:4] for cells in table] == [["none", "-", "10", "64x107"], ["type2", "fused", "10", "64x107"],
-                                              ["type2", "explicit", "10", "64x107"]]
-    ratio_columns = [i for i, name in enumerate(header) if name.endswith("/none")]
-    assert len(ratio_columns) == 6 and all(table[0][i] == "1.000" for i in ratio_columns)
-    assert table[1][header.index("train ms")] == f"{smca['train_s'] * 1000:.1f}"
-    for route in ("fused", "explicit"):  # the targets' numbers, one line per route
-        row = rows["type2", route]
-        assert (f"{route} route, {QUERIES} queries, 64x107: largest train time /none {row['train_time_ratio']:.3f} "
-                f"(type2), largest train mem /none {row['train_mem_ratio']:.3f} (type2)") in out
-
-    with open(csv_path) as f:
-        csv_rows = list(csv.DictReader(f))
-    assert [(r["variant"], r["route"]) for r in csv_rows] == list(rows)
-    assert float(csv_rows[1]["train_img_s"]) == smca["train_img_s"]
-
-
-def test_round_robin_order_and_medians_over_repeats(monkeypatch):
-    """Each repeat starts one cell later; medians and ratios are over all repeats' samples; the routes are
-    separate cells that share DETR's baseline."""
-    calls = []
-
-    def fake_time(kind, args, batch, device, warmup, iters):
-        calls.append((kind, args.dynamic_scale, args.prior_impl))
-        n = len(calls)
-        # times depend on the call index so a median over the wrong samples shows up
-        return benchmark_common.Timing(times=[0.1 * n, 0.1 * n + 0.05][:iters], cpu_times=[0.01 * n] * iters)
-
-    memory_calls = []
-
-    def fake_memory(kind, args, batch, device, meter):
-        memory_calls.append((kind, args.dynamic_scale, args.prior_impl))
-        return (10 + len(memory_calls)) * benchmark_common.MIB
-
-    monkeypatch.setattr(benchmark_model, "time_step", fake_time)
-    monkeypatch.setattr(benchmark_model, "memory_step", fake_memory)
-    config = benchmark_model.Config(variants=["none", "type2"], queries=[5], sizes=[(32, 32)], iters=2, repeats=3,
-                                    model_flags=TINY_MODEL)
-    rows = {(row.variant, row.route): row for row in benchmark_model.run(config, log=lambda line: None)}
-
-    order = [(scale, route) for kind, scale, route in calls if kind == "train"]
-    none, fused, explicit = ("none", "fused"), ("type2", "fused"), ("type2", "explicit")  # DETR: the default route
-    assert order == [none, fused, explicit, fused, explicit, none, explicit, none, fused]
-    # memory: once per cell after all timings, in the cells' order; call m gives 10 + m MiB
-    assert memory_calls == [(kind, *cell) for cell in (none, fused, explicit) for kind in ("train", "infer")]
-    # reference: every call n gives train times (0.1 n, 0.1 n + 0.05); train is call 2k+1
-    train_calls = {("none", "-"): (1, 11, 15), ("type2", "fused"): (3, 7, 17), ("type2", "explicit"): (5, 9, 13)}
-    for index, (cell, ns) in enumerate(train_calls.items()):
-        expected = statistics.median([t for n in ns for t in (0.1 * n, 0.1 * n + 0.05)])
-        assert rows[cell].train_s == expected
-        assert (rows[cell].train_mem_mib, rows[cell].infer_mem_mib) == (11 + 2 * index, 12 + 2 * index)
-        assert rows[cell].train_time_ratio == pytest.approx(expected / rows["none", "-"].train_s)
-        assert rows[cell].train_mem_ratio == pytest.approx((11 + 2 * index) / 11)
-        assert rows[cell].train_cpu_s == statistics.median([0.01 * n for n in ns])
-
-
-def test_without_baseline_ratios_are_blank(monkeypatch):
-    monkeypatch.setattr(benchmark_model, "time_step", lambda *a: benchmark_common.Timing(times=[0.5], cpu_times=[0.4]))
-    monkeypatch.setattr(benchmark_model, "memory_step", lambda *a: benchmark_common.MIB)
-    config = benchmark_model.Config(variants=["type1"], routes=["fused"], queries=[5], sizes=[(32, 32)], iters=1,
-                                    model_flags=TINY_MODEL)
-    rows = benchmark_model.run(config, log=lambda line: None)
-    assert rows[0].train_time_ratio is None
-    env = benchmark_common.environment("cpu", "test", batch_size=2, warmup=1, iters=1, repeats=1, amp=False,
-                                       model_flags=[])
-    text = benchmark_model.markdown(rows, env)
-    header, row = _table_rows(text)
-    assert row[header.index("train time /none")] == "-" and row[header.index("train cpu /none")] == "-"
-    assert "largest train time" not in text
-    assert not any("cpu" in name for name in benchmark_model.table_columns("cuda"))
-    assert row[header.index("train img/s")] == f"{config.batch_size / 0.5:.3f}"
 
 
 def test_coattn_mode_prior_share_and_saved_memory(tmp_path, capsys):
@@ -211,7 +106,7 @@ def test_synthetic_batch_is_fixed_and_valid():
     (["--variants", "none", "--", "--num_queries", "5"], "--num_queries is set by the benchmark"),
     (["--variants", "none", "--", "--dynamic_scale=type1"], "--dynamic_scale=type1 is set by the benchmark"),
     (["--variants", "type1", "--", "--prior_impl", "explicit"], "--prior_impl is set by the benchmark"),
-    (["--variants", "type1", "--routes", "fast"], "--routes: choose one or both of fused explicit"),
+    (["--variants", "type1", "--routes", "fast"], "--routes: unknown fast; choose from fused explicit"),
     (["model", "--variants", "none", "none"], "given twice"),
     (["coattn", "--variants", "type9"], "--variants: unknown type9"),
     (["coattn", "--routes", "fused", "fused"], "given twice"),
