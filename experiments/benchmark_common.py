@@ -71,6 +71,14 @@ def write_json(path: str, result) -> None:
         json.dump(result, f, indent=1)
 
 
+def report(table: str, json_path, result) -> int:
+    """A mode's last step: its markdown table on stdout, the result as the --json file if asked; exit code 0."""
+    print(table, end="")
+    if json_path:
+        write_json(json_path, result)
+    return 0
+
+
 def image_shape(spec: str) -> Tuple[int, int]:
     """'800' -> (800, 1333) (DETR's shape for min side 800), '600x900' -> (600, 900)."""
     try:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from datasets.coco_eval import COCO_BACKENDS, CocoEvaluator, ground_truth
-from experiments.benchmark_common import write_json
+from experiments.benchmark_common import report
 from models.postprocess import build_postprocessors
 from util.errors import UserError
 
@@ -211,10 +211,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     result = run(opts, log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(markdown(result), end="")
-    if opts.json:
-        write_json(opts.json, result)
-    return 0
+    return report(markdown(result), opts.json, result)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import export
 import main as detr_main
 from datasets import COCO_NUM_CLASSES
 from experiments.benchmark_common import (MIB, VARIANTS, environment, image_shape, memory_meter, peak_memory,
-                                          split_model_flags, time_calls, write_json)
+                                          split_model_flags, time_calls, report)
 from inference import EXPORT_INSTALL_HINT
 import run_setup
 from util.errors import UserError
@@ -171,10 +171,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(markdown(result), end="")
-    if opts.json:
-        write_json(opts.json, result)
-    return 0
+    return report(markdown(result), opts.json, result)
 
 
 if __name__ == "__main__":
