@@ -48,6 +48,9 @@ def check_args(args) -> None:
         raise UserError(f"--num_classes must be positive, got {args.num_classes}")
     if args.frozen_weights and not args.masks:
         raise UserError("--frozen_weights trains DETR's mask head on a frozen detector and needs --masks")
+    if args.mask_attention != "detr" and not args.masks:
+        raise UserError(f"--mask_attention {args.mask_attention} changes the map DETR's mask head reads and needs "
+                        f"--masks")
     if args.frozen_weights and args.finetune_from:
         raise UserError("--frozen_weights and --finetune_from both give the detector its weights; pass one")
     if args.masks:

@@ -5,6 +5,8 @@ What a flag means for checkpoints is declared here, where the flag is defined: `
 flag whose value changes which weights exist or what they mean. ``ARCH_FLAGS`` is derived from those marks;
 a resumed or evaluated model takes these flags from its checkpoint (rundir/run_config.py). --no_aux_loss is
 not one: the auxiliary heads share the final head's weights, so it changes the loss, never the weights.
+``mask_head(...)`` marks an architecture flag of DETR's mask head (``MASK_HEAD_FLAGS``): a box checkpoint
+loaded with --frozen_weights has no mask head, so it does not fix these flags (run_setup.py).
 ``bookkeeping(...)`` marks a flag that names the run's own files or restart state, or changes no number of the
 run (the COCO backends score alike, logging intervals): runs differ in it without being different ablations,
 so experiments/compare.py neither shows it as a column nor lets it keep two seeds apart (``BOOKKEEPING_FLAGS``).
@@ -22,6 +24,7 @@ DATASET_NAMES = ("coco", "coco_panoptic", "voc", "synthetic", "synthetic_panopti
 COCO_BACKEND_NAMES = ("faster_coco_eval", "pycocotools")
 DYNAMIC_SCALES = ("none", "type1", "type2", "type3", "type4")
 PRIOR_IMPLS = ("fused", "explicit")  # models/spatial_prior.py
+MASK_ATTENTIONS = ("detr", "scaled")  # models/segmentation.py's ATTENTION_MAPS
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # torch.compile backends (models/acceleration.py)
 # model flags --compile refuses (flag -> why), each found failing (docs/training-and-run-folders.md, "Speed flags")
 COMPILE_REFUSED = {"ms_levels": "the multi-scale model compiles again when the image size changes, so it would "
@@ -97,6 +100,12 @@ def architecture(action: argparse.Action) -> argparse.Action:
     return action
 
 
+def mask_head(action: argparse.Action) -> argparse.Action:
+    """Mark an architecture flag as the mask head's: --frozen_weights' box checkpoint does not fix it."""
+    action.mask_head = True
+    return architecture(action)
+
+
 def bookkeeping(action: argparse.Action) -> argparse.Action:
     """Mark a flag as bookkeeping: not part of what a run measures (see the module docstring)."""
     action.bookkeeping = True
@@ -109,7 +118,8 @@ def architecture_flags(parser: argparse.ArgumentParser) -> tuple:
 
 
 def marked_flags(parser: argparse.ArgumentParser, mark: str) -> tuple:
-    """The dest names of the flags marked ``mark`` ('architecture', 'bookkeeping'), in definition order."""
+    """The dest names of the flags marked ``mark`` ('architecture', 'mask_head', 'bookkeeping'), in definition
+    order."""
     return tuple(a.dest for a in parser._actions if getattr(a, mark, False))
 
 
@@ -163,6 +173,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     def arch(*names, **kwargs):  # an architecture flag (see the module docstring)
         return architecture(parser.add_argument(*names, **kwargs))
 
+    def head(*names, **kwargs):  # an architecture flag of the mask head (see the module docstring)
+        return mask_head(parser.add_argument(*names, **kwargs))
+
     def books(*names, **kwargs):  # a bookkeeping flag (see the module docstring)
         return bookkeeping(parser.add_argument(*names, **kwargs))
 
@@ -196,8 +209,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     arch("--nheads", default=8, type=int)
     arch("--num_queries", default=100, type=int)
     arch("--pre_norm", action="store_true")
-    arch("--masks", action="store_true",
+    head("--masks", action="store_true",
          help="DETR's segmentation head (panoptic sets: coco_panoptic, synthetic); the backbone returns layer1-4")
+    head("--mask_attention", default="detr", choices=MASK_ATTENTIONS,
+         help="--masks: the per-query attention map the mask head reads. detr: DETR's probabilities (one softmax "
+              "over heads x cells, about 1 / (heads x cells) each); scaled: the same map times heads x the "
+              "image's cells (1 where uniform), level with the features beside it, so the head learns in hundreds "
+              "of steps instead of DETR's many thousands (docs/panoptic.md). Same weights either way")
 
     # SMCA ablations (docs/ablation-modules.md)
     arch("--dynamic_scale", default="none", choices=DYNAMIC_SCALES,
@@ -359,4 +377,5 @@ def resolve_loss(args) -> None:
 
 _DEFINITIONS = get_args_parser()
 ARCH_FLAGS = architecture_flags(_DEFINITIONS)
+MASK_HEAD_FLAGS = marked_flags(_DEFINITIONS, "mask_head")
 BOOKKEEPING_FLAGS = marked_flags(_DEFINITIONS, "bookkeeping")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from flag_checks import check_args, inferred_dataset_file, parse_main
-from options import ARCH_FLAGS, get_args_parser, loss_defaults, main_parser, resolve_loss
+from options import ARCH_FLAGS, MASK_HEAD_FLAGS, get_args_parser, loss_defaults, main_parser, resolve_loss
 from rundir import checkpoint as ckpt
 from rundir import run_config
 from util.dist import default_device
@@ -51,10 +51,10 @@ def resolve_run(args: argparse.Namespace, explicit=frozenset()) -> Resolved:
                         f"--resume PATH, or --eval_untrained to score the untrained model on purpose")
     if checkpoint is not None:
         _adopt_architecture(args, explicit, checkpoint, resume_path)
-    # DETR's second stage: the detector of a box checkpoint, frozen; --masks is what this run adds
+    # DETR's second stage: the detector of a box checkpoint, frozen; the mask head (its flags) is what this run adds
     frozen = ckpt.load_checkpoint(args.frozen_weights, trust=args.trust_checkpoint) if args.frozen_weights else None
     if frozen is not None:
-        _adopt_architecture(args, explicit, frozen, args.frozen_weights, ignore={"masks"})
+        _adopt_architecture(args, explicit, frozen, args.frozen_weights, ignore=set(MASK_HEAD_FLAGS))
     # after the checkpoints: stored configs hold resolved values, and the defaults follow the adopted flags
     resolve_args(args)
     return Resolved(args, frozenset(explicit), run_config.config_to_dict(args), resume_path, checkpoint, frozen,

@@ -27,6 +27,7 @@ def build_detr(backbone: str = "resnet50", dilation: bool = False, num_classes: 
                pre_norm: bool = False, position_embedding: str = "sine", backbone_norm: str = "frozen",
                backbone_weights: str = "none", train_backbone: bool = True, aux_loss: bool = True,
                prior_impl: str = "fused", masks: bool = False, freeze_detector: bool = False,
+               mask_attention: str = "detr",
                ms_levels: str = "none", ms_encoder: str = "attn", enc_pattern: str = "", intra_share: bool = True,
                level_embed: bool = True, scale_select: str = "softmax", ms_prior: str = "shared") -> nn.Module:
     """DETR, or SMCA-DETR with ``dynamic_scale`` type1-4; the defaults are DETR's (R50, 100 queries, COCO's 91 ids).
@@ -38,7 +39,8 @@ def build_detr(backbone: str = "resnet50", dilation: bool = False, num_classes: 
     ``train_backbone=False`` freezes the whole ResNet (main.py: ``--lr_backbone 0``). ``prior_impl``: how the
     co-attention adds the prior, 'fused' or 'explicit' (same logits, same weights; models/spatial_prior.py).
     ``masks``: DETR's segmentation model (DETRsegm: the detector under ``detr.`` and the mask head, fed by
-    layer1-4); ``freeze_detector`` then trains the mask head alone (main.py: ``--frozen_weights``).
+    layer1-4); ``freeze_detector`` then trains the mask head alone (main.py: ``--frozen_weights``), and
+    ``mask_attention`` ('detr' or 'scaled') picks the attention map the head reads (models/segmentation.py).
     ``ms_levels`` ('none' or strides like '16,32,64') and the ``ms_*``, ``enc_pattern``, ``intra_share``,
     ``level_embed``, ``scale_select`` arguments: multi-scale SMCA (docs/multiscale-smca.md, models/ms_detr.py).
     """
@@ -65,7 +67,7 @@ def build_detr(backbone: str = "resnet50", dilation: bool = False, num_classes: 
                               prior_impl=prior_impl)
     detr = DETR(joiner, transformer, num_classes=num_classes, num_queries=num_queries, aux_loss=aux_loss,
                 class_bias_prior=class_bias_prior)
-    return DETRsegm(detr, freeze_detr=freeze_detector) if masks else detr
+    return DETRsegm(detr, freeze_detr=freeze_detector, attention=mask_attention) if masks else detr
 
 
 def resolve_cls_loss(cls_loss: str, dynamic_scale: str) -> str:
@@ -80,8 +82,8 @@ def resolve_cls_loss(cls_loss: str, dynamic_scale: str) -> str:
 # main.py's flags that build_detr takes under the same name
 DETR_FLAGS = ("backbone", "dilation", "num_classes", "num_queries", "dynamic_scale", "smooth", "head_mixture",
               "query_mixture", "cls_loss", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward",
-              "dropout", "pre_norm", "position_embedding", "backbone_norm", "prior_impl", "masks", "ms_levels",
-              "ms_encoder", "enc_pattern", "intra_share", "level_embed", "scale_select", "ms_prior")
+              "dropout", "pre_norm", "position_embedding", "backbone_norm", "prior_impl", "masks", "mask_attention",
+              "ms_levels", "ms_encoder", "enc_pattern", "intra_share", "level_embed", "scale_select", "ms_prior")
 
 
 def detr_kwargs(flags: Mapping) -> dict:

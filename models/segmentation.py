@@ -56,6 +56,26 @@ class MHAttentionMap(nn.Module):
         return logits.flatten(2).softmax(-1).view_as(logits)
 
 
+class ScaledMHAttentionMap(MHAttentionMap):
+    """``--mask_attention scaled``: DETR's map times nhead x the image's unpadded cells, so a uniform map is 1 at
+    every cell instead of 1 / (nhead x cells). Same weights as MHAttentionMap; only the scale of the map changes.
+
+    Why (docs/panoptic.md): the map is the mask head's only per-query input, concatenated with projected features
+    of standard deviation of a few units. At DETR's scale (1/512 per cell at 8x8 cells and 8 heads) it reaches the
+    head about 1000x weaker than those features, and an Adam step moves every weight by about the learning rate
+    whatever its input's scale, so the head needs many thousands of steps before its masks depend on the query.
+    """
+
+    def forward(self, query: Tensor, memory: Tensor, mask: Tensor) -> Tensor:
+        weights = super().forward(query, memory, mask)  # (B, Q, nhead, H, W), sums to 1 per query
+        cells = (~mask).flatten(1).sum(1).to(weights)  # (B,) unpadded cells per image
+        return weights * (cells * self.num_heads)[:, None, None, None, None]
+
+
+# --mask_attention (options.MASK_ATTENTIONS): the attention map the mask head reads
+ATTENTION_MAPS = {"detr": MHAttentionMap, "scaled": ScaledMHAttentionMap}
+
+
 class MaskHeadSmallConv(nn.Module):
     """Convolutions with GroupNorm from the stride-s maps up to stride 4, adding the backbone's finer maps on the
     way (FPN-style); one mask logit map per (image, query).
@@ -101,9 +121,10 @@ class DETRsegm(nn.Module):
     ``freeze_detr`` (``--frozen_weights``): only the mask head trains. Every detector parameter stops requiring
     gradients and BatchNorm layers of the detector (a ``--backbone_norm batch`` trunk) stay in eval mode, so
     their statistics do not move either; the transformer's dropout stays active in training, as in DETR.
+    ``attention``: which map of ATTENTION_MAPS the mask head reads ('detr', or 'scaled' for --mask_attention).
     """
 
-    def __init__(self, detr: DETR, freeze_detr: bool = False):
+    def __init__(self, detr: DETR, freeze_detr: bool = False, attention: str = "detr"):
         super().__init__()
         self.detr = detr
         self.freeze_detr = freeze_detr
@@ -117,7 +138,9 @@ class DETRsegm(nn.Module):
         if hidden_dim < MASK_HEAD_NARROWING:
             raise ValueError(f"the mask head narrows the width by {MASK_HEAD_NARROWING}; hidden_dim {hidden_dim} is "
                              f"smaller")
-        self.bbox_attention = MHAttentionMap(hidden_dim, hidden_dim, nheads)
+        if attention not in ATTENTION_MAPS:
+            raise ValueError(f"attention must be one of {sorted(ATTENTION_MAPS)}, got {attention!r}")
+        self.bbox_attention = ATTENTION_MAPS[attention](hidden_dim, hidden_dim, nheads)
         self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, layer_channels[2::-1], hidden_dim)
 
     def train(self, mode: bool = True) -> "DETRsegm":
@@ -145,4 +168,4 @@ class DETRsegm(nn.Module):
         return self.detr.smca_diagnostics(samples)
 
 
-__all__ = ["DETRsegm", "MHAttentionMap", "MaskHeadSmallConv"]
+__all__ = ["ATTENTION_MAPS", "DETRsegm", "MHAttentionMap", "MaskHeadSmallConv", "ScaledMHAttentionMap"]
