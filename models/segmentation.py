@@ -61,8 +61,8 @@ class ScaledMHAttentionMap(MHAttentionMap):
     every cell instead of 1 / (nhead x cells). Same weights as MHAttentionMap; only the scale of the map changes.
 
     Why (docs/panoptic.md): the map is the mask head's only per-query input, concatenated with projected features
-    of standard deviation of a few units. At DETR's scale (1/512 per cell at 8x8 cells and 8 heads) it reaches the
-    head about 1000x weaker than those features, and an Adam step moves every weight by about the learning rate
+    of standard deviation of a few units. At DETR's scale (1/512 per cell at 8x8 cells and 8 heads) it reached the
+    synthetic demo's head 100 to 200 times weaker than those features, and an Adam step moves every weight by about the learning rate
     whatever its input's scale, so the head needs many thousands of steps before its masks depend on the query.
     """
 
