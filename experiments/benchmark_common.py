@@ -4,13 +4,17 @@ Memory (bytes): measured in a pass of its own after the timings, per step: build
 a second call minus what was in use before the build (``meter.start()``), so it counts what the step builds and
 keeps (weights, gradients, optimizer state) and its activations:
   CUDA: torch.cuda.max_memory_allocated (peak reset before the second call) minus memory_allocated at start.
-  CPU:  the kernel's peak resident set size (VmHWM, reset through /proc/self/clear_refs before the second call)
-        minus the RSS at start (after gc and malloc_trim), with glibc told to give every allocation of 1 MiB or
-        more back to the OS when freed (return_freed_memory) and free heap pages released (malloc_trim) before
-        the second call: the peak then follows the live tensors, not the allocator's cache. Where
-        /proc/self/clear_refs is not writable, RSS sampled with psutil every 5 ms in a background thread (can
-        miss short peaks). Small allocations and shared library pages still count, and the peak moves by some
-        MiB from build to build, so compare ratios within one run.
+  CPU (--memory tensors, the default): the peak of live tensor bytes, exact: every allocation and free of
+        PyTorch's CPU allocator from the profiler's memory events, summed in time order (CpuTensorPeak). The
+        same number in every run and whatever ran before in the process; it leaves out the Python heap,
+        oneDNN's own scratch buffers and the C allocator's cache, as CUDA's counter leaves out its cache.
+  CPU (--memory rss): the kernel's peak resident set size (VmHWM, reset through /proc/self/clear_refs before
+        the second call) minus the RSS at start (after gc and malloc_trim), with glibc told to give every
+        allocation of 1 MiB or more back to the OS when freed (return_freed_memory) and free heap pages
+        released (malloc_trim) before the second call. Where /proc/self/clear_refs is not writable, RSS
+        sampled with psutil every 5 ms in a background thread (can miss short peaks). Small allocations, the
+        heap's fragmentation and shared library pages count, so the peak moves with what ran before in the
+        process (docs/benchmarks.md): compare ratios within one run.
 Times: time.perf_counter around each call (torch.cuda.synchronize before and after on CUDA), and on CPU the
 process CPU time (time.process_time): time spent waiting for a core taken by another process is not counted,
 so on a shared machine it is the steadier overhead measure (with more than one thread it also counts OpenMP
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.autograd import DeviceType
 
 from util.errors import UserError
 
@@ -220,10 +225,51 @@ class CpuSampledRss:
         return self.max_rss - self.base
 
 
-def memory_meter(device: torch.device):
-    """The meter for ``device``; on CPU this also sets return_freed_memory() for the rest of the process."""
+class CpuTensorPeak:
+    """Exact and load-independent: every allocation and free of PyTorch's CPU allocator, as the profiler's memory
+    events record them from ``start()`` on, summed in time order; the peak of that running sum over the measured
+    call (from ``reset_peak()``), counting what was live when it began. The CPU counterpart of CUDA's
+    max_memory_allocated: tensors only, not the Python heap, oneDNN's own scratch buffers or what the C allocator
+    keeps cached, so it is the same number whatever ran before in the process."""
+    method = ("CPU: peak of live tensor bytes (PyTorch profiler memory events: every allocation and free of the CPU "
+              "allocator) minus those at start; not the Python heap, oneDNN scratch or the C allocator's cache")
+    mark = "benchmark: measured call"
+
+    def start(self) -> None:
+        gc.collect()
+        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        self.profiler.start()
+
+    def reset_peak(self) -> None:
+        with torch.profiler.record_function(self.mark):
+            pass
+
+    def peak(self) -> int:
+        self.profiler.stop()
+        events = self.profiler.profiler.kineto_results.events()
+        self.profiler = None
+        begin = min(e.start_ns() for e in events if e.name() == self.mark)
+        memory = sorted((e.start_ns(), e.nbytes()) for e in events  # (time, +bytes allocated / -bytes freed)
+                        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+        live = sum(nbytes for time_ns, nbytes in memory if time_ns < begin)
+        peak = live
+        for time_ns, nbytes in memory:
+            if time_ns >= begin:
+                live += nbytes
+                peak = max(peak, live)
+        return peak
+
+
+MEMORY_METHODS = ("tensors", "rss")  # the CPU meters: exact tensor bytes (default), or the process's resident set
+
+
+def memory_meter(device: torch.device, method: str = MEMORY_METHODS[0]):
+    """The meter for ``device``: CUDA's allocator counters; on CPU the live tensor bytes (``tensors``) or the
+    kernel's RSS (``rss``, which also sets return_freed_memory() for the rest of the process)."""
     if device.type == "cuda":
         return CudaMemory(device)
+    if method == "tensors":
+        return CpuTensorPeak()
     meter = CpuKernelPeakRss() if can_reset_peak_rss() else CpuSampledRss()
     if not return_freed_memory():
         meter.method += " (not set: no glibc mallopt; RSS then also counts the allocator's cache)"

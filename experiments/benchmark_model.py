@@ -43,8 +43,8 @@ import torch
 
 import main as detr_main
 from datasets import COCO_NUM_CLASSES
-from experiments.benchmark_common import (BASELINE, MIB, MULTISCALE_VARIANTS, NO_ROUTE, VARIANTS, environment,
-                                          image_shape, memory_meter, ratio, split_model_flags, write_json)
+from experiments.benchmark_common import (BASELINE, Timing, MIB, MULTISCALE_VARIANTS, NO_ROUTE, VARIANTS, environment,
+                                          image_shape, memory_meter, MEMORY_METHODS, ratio, split_model_flags, write_json)
 from experiments.benchmark_rounds import Ratio, check_samples, interleave, load_average, paired_ratio
 from experiments.benchmark_steps import STEPS, Built, memory_step, synthetic_batch
 from options import COMPILE_BACKENDS, PRIOR_IMPLS
@@ -79,6 +79,8 @@ class Config:
     compile_backend: str = "inductor"
     amp: bool = False
     model_flags: List[str] = field(default_factory=list)
+    memory: str = MEMORY_METHODS[0]  # the CPU meter (experiments/benchmark_common.py)
+    timing: bool = True  # False (--memory_only): no rounds, peak memory only
 
     def cells(self) -> List[Tuple[str, str, str]]:
         """(variant, route, accel): DETR once per accel, every SMCA variant once per route and accel."""
@@ -143,7 +145,9 @@ def check_config(config: Config) -> None:
             raise UserError(f"{name}: a name is given twice")
     if config.compile_backend not in COMPILE_BACKENDS:
         raise UserError(f"--compile_backend {config.compile_backend}: choose one of {' '.join(COMPILE_BACKENDS)}")
-    problems = check_samples(config.samples)
+    problems = check_samples(config.samples) if config.timing else []
+    if config.memory not in MEMORY_METHODS:
+        raise UserError(f"--memory {config.memory}: choose one of {' '.join(MEMORY_METHODS)}")
     if problems:
         raise UserError(problems[0])
     if config.batch_size <= 0 or config.warmup < 0:
@@ -177,29 +181,34 @@ def run(config: Config, log=print) -> List[Row]:
         batch = (samples.to(device), [{k: v.to(device) for k, v in t.items()} for t in targets])
         for queries in config.queries:
             point = f"q={queries} {height}x{width}"
-            steps = {}
-            for cell in cells:
-                args = variant_args(config, cell[0], queries, cell[1], cell[2])
-                built = Built(args, device)
-                for kind in config.steps:
-                    steps[_step_name(cell, kind)] = STEPS[kind](args, *batch, device, built=built)
-            log(f"{point}: {len(cells)} cells built; {config.warmup} warmup and {config.samples} timed rounds")
-            timings = interleave(steps, device, config.warmup, config.samples,
-                                 log=lambda line: log(f"{point}: {line}"))
-            del steps
+            if config.timing:
+                timings = _time_cells(config, cells, queries, batch, device, log=lambda line: log(f"{point}: {line}"))
             point_rows = [Row(cell[0], cell[1], cell[2], queries, height, width, config.batch_size)
                           for cell in cells]
-            meter = memory_meter(device)  # after the timings: on CPU it changes how memory is returned
+            meter = memory_meter(device, config.memory)  # after the timings: 'rss' changes how memory is returned
             for row, cell in zip(point_rows, cells):
                 args = variant_args(config, cell[0], queries, cell[1], cell[2])
                 for kind in config.steps:
-                    timing = timings[_step_name(cell, kind)]
-                    row.times[kind], row.times[f"{kind}_cpu"] = timing.times, timing.cpu_times
+                    if config.timing:
+                        timing = timings[_step_name(cell, kind)]
+                        row.times[kind], row.times[f"{kind}_cpu"] = timing.times, timing.cpu_times
                     row.mem_mib[kind] = memory_step(kind, args, batch, device, meter) / MIB
                 log(f"{point}: memory {_step_name(cell, '')}: "
                     + ", ".join(f"{kind} {row.mem_mib[kind]:.0f} MiB" for kind in config.steps))
             rows += _with_ratios(point_rows, config.steps)
     return rows
+
+
+def _time_cells(config: Config, cells, queries: int, batch, device: torch.device, log) -> Dict[str, Timing]:
+    """Every cell built at once, then the interleaved rounds of all their steps."""
+    steps = {}
+    for cell in cells:
+        args = variant_args(config, cell[0], queries, cell[1], cell[2])
+        built = Built(args, device)
+        for kind in config.steps:
+            steps[_step_name(cell, kind)] = STEPS[kind](args, *batch, device, built=built)
+    log(f"{len(cells)} cells built; {config.warmup} warmup and {config.samples} timed rounds")
+    return interleave(steps, device, config.warmup, config.samples, log=log)
 
 
 def _with_ratios(rows: List[Row], kinds: List[str]) -> List[Row]:
@@ -213,7 +222,8 @@ def _with_ratios(rows: List[Row], kinds: List[str]) -> List[Row]:
             for kind in kinds:
                 for measure, key in (("time", kind), ("cpu", f"{kind}_cpu")):
                     getattr(row, attr)[f"{kind}_{measure}"] = (
-                        None if base is None else paired_ratio(row.times[key], base.times[key]))
+                        None if base is None or key not in row.times else paired_ratio(row.times[key],
+                                                                                       base.times[key]))
                 getattr(row, f"mem_{attr}")[kind] = None if base is None else ratio(row.mem_mib[kind],
                                                                                    base.mem_mib[kind])
     return rows
@@ -225,6 +235,10 @@ def _fmt(value) -> str:
     if value is None:
         return "-"
     return value.format() if isinstance(value, Ratio) else f"{value:.3f}"
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
 
 
 def table_columns(kinds: List[str]) -> List[str]:
@@ -239,8 +253,7 @@ def table_columns(kinds: List[str]) -> List[str]:
 def table_cells(row: Row, kinds: List[str]) -> List[str]:
     cells = [row.variant, row.route, row.accel, str(row.queries), f"{row.height}x{row.width}"]
     for kind in kinds:
-        cells += [f"{row.seconds[kind] * 1000:.1f}", f"{row.seconds[f'{kind}_cpu'] * 1000:.1f}",
-                  f"{row.mem_mib[kind]:.0f}"]
+        cells += [_ms(row.seconds.get(kind)), _ms(row.seconds.get(f"{kind}_cpu")), f"{row.mem_mib[kind]:.0f}"]
         for attr in ("vs_none", "vs_default"):
             cells += [_fmt(getattr(row, attr)[f"{kind}_{m}"]) for m in MEASURES]
             cells += [_fmt(getattr(row, f"mem_{attr}")[kind])]
@@ -252,8 +265,9 @@ def markdown(rows: List[Row], env: dict) -> str:
     kinds = env["steps"]
     columns = table_columns(kinds)
     lines = [f"device {env['device']}" + (f" ({env['cuda_device']})" if env["cuda_device"] else "")
-             + f", {env['threads']} threads, torch {env['torch']}, batch {env['batch_size']}, warmup "
-             f"{env['warmup']} rounds, {env['samples']} interleaved rounds (paired samples), amp "
+             + f", {env['threads']} threads, torch {env['torch']}, batch {env['batch_size']}, "
+             + (f"warmup {env['warmup']} rounds, {env['samples']} interleaved rounds (paired samples)" if env["timing"]
+                else "no timed rounds (--memory_only)") + ", amp "
              f"{'bf16' if env['amp'] else 'off'}, compile backend {env['compile_backend']}",
              f"load average at start {env['load_start']}, at end {env['load_end']}",
              f"model flags: {flags}",
@@ -300,6 +314,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                                        f"{' '.join(COMPILE_BACKENDS)}")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--memory", default=MEMORY_METHODS[0], choices=MEMORY_METHODS,
+                        help="CPU peak memory: 'tensors' (live tensor bytes, exact: the same in any run) or 'rss' "
+                             "(the process's resident set: also the allocator's cache and the Python heap)")
+    parser.add_argument("--memory_only", action="store_true",
+                        help="no timed rounds: peak memory per cell only (--samples and --warmup unused)")
     parser.add_argument("--json", default=None, metavar="PATH")
     parser.add_argument("--csv", default=None, metavar="PATH")
     return parser
@@ -314,7 +333,8 @@ def cli(argv: Optional[List[str]] = None) -> int:
         config = Config(variants=opts.variants, routes=opts.routes, accels=opts.accels, steps=opts.steps,
                         queries=opts.queries, sizes=[image_shape(s) for s in opts.sizes],
                         batch_size=opts.batch_size, device=opts.device, warmup=opts.warmup, samples=opts.samples,
-                        compile_backend=opts.compile_backend, amp=opts.amp, model_flags=model_flags)
+                        compile_backend=opts.compile_backend, amp=opts.amp, model_flags=model_flags,
+                        memory=opts.memory, timing=not opts.memory_only)
         if opts.threads is not None:
             if opts.threads <= 0:
                 raise UserError(f"--threads must be positive, got {opts.threads}")
@@ -323,9 +343,10 @@ def cli(argv: Optional[List[str]] = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    env = environment(config.device, memory_meter(torch.device(config.device)).method,
+    env = environment(config.device, memory_meter(torch.device(config.device), config.memory).method,
                       batch_size=config.batch_size, warmup=config.warmup, samples=config.samples,
                       steps=config.steps, compile_backend=config.compile_backend, amp=config.amp,
+                      timing=config.timing,
                       model_flags=config.model_flags, load_start=load_start, load_end=load_average())
     print(markdown(rows, env), end="")
     if opts.json:

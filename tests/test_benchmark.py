@@ -171,3 +171,45 @@ def test_cpu_peak_follows_live_tensors_not_freed_ones(meter_class):
     step(32)
     peak_mib = meter.peak() / benchmark_common.MIB
     assert 60 <= peak_mib < 90
+
+
+@pytest.mark.quick
+def test_tensor_peak_is_exact_and_counts_what_the_build_keeps():
+    """The default CPU meter counts tensor bytes exactly: the build's 4 MiB kept, the call's two live 16 MiB
+    tensors at its peak (an 8 MiB one after they are freed does not add), not the larger first call before."""
+    mib = benchmark_common.MIB
+
+    def build():
+        kept = torch.zeros(4 * mib // 4)  # float32, lives as long as the step
+
+        calls = []
+
+        def step():
+            size = 16 if calls else 64  # MiB: the measured (second) call is the smaller
+            calls.append(size)
+            a = torch.ones(size * mib // 4)
+            b = a * 2
+            del a, b
+            return torch.ones(8 * mib // 4).sum() + kept.sum()
+
+        return step
+
+    peak = benchmark_common.peak_memory(build, torch.device("cpu"), benchmark_common.CpuTensorPeak())
+    assert 36 * mib <= peak < 36 * mib + 4096  # 4 + 2 x 16 MiB, plus a few bytes of scalars
+
+
+@pytest.mark.quick
+def test_memory_only_model_mode_measures_without_rounds(capsys):
+    """--memory_only: one peak per cell, no timed rounds ('-' in the time columns), the tensor meter's line."""
+    rc = benchmark.cli(["model", "--device", "cpu", "--queries", "5", "--sizes", "64x64", "--batch_size", "1",
+                        "--variants", "none", "type2", "--routes", "fused", "--steps", "train", "--memory_only",
+                        "--", *TINY_MODEL])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "no timed rounds (--memory_only)" in out
+    assert f"memory: {benchmark_common.CpuTensorPeak.method}" in out
+    header, *rows = _table_rows(out)
+    assert [r[:2] for r in rows] == [["none", "-"], ["type2", "fused"]]
+    cells = [dict(zip(header, r)) for r in rows]
+    assert all(c["train ms"] == "-" and c["train time /none"] == "-" for c in cells)
+    assert all(float(c["train MiB"]) > 0 for c in cells) and cells[0]["train mem /none"] == "1.000"
