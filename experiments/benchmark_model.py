@@ -3,7 +3,8 @@ and main.py's speed flags, on a synthetic batch (``python -m experiments.benchma
 
     python -m experiments.benchmark [model] [--variants NAME...] [--routes fused explicit] [--accels NAME...]
         [--steps train infer] [--queries Q...] [--sizes S...] [--batch_size B] [--device cpu|cuda] [--warmup N]
-        [--samples N] [--compile_backend B] [--amp] [--threads N] [--json PATH] [--csv PATH] [-- MAIN.PY FLAGS...]
+        [--samples N] [--compile_backend B] [--amp] [--threads N] [--memory tensors|rss] [--memory_only]
+        [--json PATH] [--csv PATH] [-- MAIN.PY FLAGS...]
 
     # item 4 of the speed issue at 512 px (docs/benchmarks.md has the commands)
     python -m experiments.benchmark model --device cpu --threads 1 --queries 300 --sizes 512 --steps train \\
@@ -20,9 +21,9 @@ every step once, interleaved (experiments/benchmark_rounds.py), timing wall and 
 cell: the median step time over the rounds, and paired ratios with a bootstrap 95% interval, 'not resolved'
 when wider than +-3%: ``/none`` divides by DETR with the same accel in the same round (the targets' ratio),
 ``/default`` by the same variant and route without speed flags. Peak memory: after the timings, one cell at a
-time on a freshly built model, in a pass of its own (experiments/benchmark_common.py): a process-wide peak
-(kernel VmHWM or CUDA's allocator) can only be per cell when one cell runs at a time. The load average is
-printed at the start and the end.
+time on a freshly built model, in a pass of its own (experiments/benchmark_common.py; on CPU exact tensor bytes
+by default, --memory rss for the resident set); --memory_only measures it alone, without rounds. The load
+average is printed at the start and the end.
 
 Image sizes: ``S`` means DETR's shape, min side S and max side 1333: S x min(round(S * 1333 / 800), 1333)
 (512 -> 512x853, 800 -> 800x1333); ``HxW`` gives the shape directly. The batch is --batch_size random images of
