@@ -9,6 +9,9 @@ Modes (``python -m experiments.benchmark MODE --help`` for each one's flags):
           (experiments/benchmark_eval.py)
   infer   CPU inference, eager PyTorch against the ONNX export in onnxruntime: images/s and peak memory
           (experiments/benchmark_infer.py; needs the export extra)
+  parts   where a training step's time goes: backbone, each encoder and decoder layer (I/M for multi-scale),
+          each prior, heads, criterion, matcher, optimizer, each timed on its recorded inputs, as shares of
+          the step (experiments/benchmark_parts.py)
 
 A mode is a module with ``cli(argv) -> exit code``; add one to MODES. Without a mode name the flags go to
 ``model``, so the commands of earlier versions still work.
@@ -27,6 +30,7 @@ MODES = {
     "coattn": "experiments.benchmark_coattn",
     "eval": "experiments.benchmark_eval",
     "infer": "experiments.benchmark_infer",
+    "parts": "experiments.benchmark_parts",
 }
 DEFAULT_MODE = "model"
 

@@ -42,7 +42,7 @@ def synthetic_batch(batch_size: int, height: int, width: int, num_classes: int, 
 
 # ---------------------------------------------------------------------------------------------------- steps
 
-def _float32(outputs: dict) -> dict:
+def float32_outputs(outputs: dict) -> dict:
     """Losses and post-processing in float32 whatever the autocast dtype (as engine.py)."""
     return {k: (v.float() if isinstance(v, torch.Tensor) else [{n: t.float() for n, t in aux.items()} for aux in v])
             for k, v in outputs.items()}
@@ -77,7 +77,7 @@ def make_train_step(args, samples, targets, device: torch.device, built: Optiona
         criterion.train()
         with autocast(device, amp):
             outputs = model(samples)
-        loss_dict = criterion(_float32(outputs), targets)
+        loss_dict = criterion(float32_outputs(outputs), targets)
         loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
         loss.backward()
         if args.clip_max_norm > 0:
@@ -101,7 +101,7 @@ def make_inference_step(args, samples, targets, device: torch.device,
         model.eval()
         with autocast(device, amp):
             outputs = model(samples)
-        postprocessors["bbox"](_float32(outputs), orig_sizes)
+        postprocessors["bbox"](float32_outputs(outputs), orig_sizes)
 
     return step
 
