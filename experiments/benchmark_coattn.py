@@ -218,7 +218,7 @@ def run(config: Config, log=print) -> List[Row]:
                 done += 1
                 log(f"[{done}/{total}] time {cell[0]} ({cell[1]}) q={queries} grid {grid[0]}x{grid[1]}: "
                     f"{statistics.median(timing.times) * 1000:.1f} ms")
-    meter = memory_meter(device)  # after the timings: on CPU it changes how memory is returned
+    meter = memory_meter(device)  # after the timings, as the rss meter changes how memory is returned
     rows = []
     for size, queries in points:
         grid = config.grid(*size)

@@ -12,7 +12,8 @@ temporary folder. What one measurement is, on the same random batch (--batch_siz
   onnxruntime: InferenceSession.run of the exported graph (CPUExecutionProvider, intra-op threads = torch's).
 images/s = batch_size / median seconds of --iters timed calls after --warmup; CPU seconds are the process's.
 Peak memory: a pass of its own per engine, build (model or session) then one call, then the peak over a
-second call minus the memory before the build (experiments/benchmark_common.py), so it counts the weights.
+second call minus the memory before the build (experiments/benchmark_common.py), so it counts the weights. It is
+the process's resident set, not the tensor meter, since onnxruntime allocates outside PyTorch.
 The largest |onnxruntime - eager| over both outputs is reported too. Export time is not in any column.
 """
 import argparse
@@ -89,7 +90,7 @@ def run(opts, model_flags: List[str], log=print) -> Dict:
     generator = torch.Generator().manual_seed(BATCH_SEED)
     images = torch.randn(opts.batch_size, 3, height, width, generator=generator)
     mask = torch.zeros(opts.batch_size, height, width, dtype=torch.bool)
-    meter = memory_meter(torch.device("cpu"))
+    meter = memory_meter(torch.device("cpu"), "rss")  # onnxruntime's buffers are not PyTorch tensors
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for variant in opts.variants:
