@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import options
+from experiments.benchmark import MODES as BENCHMARK_MODULES
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")])
@@ -31,16 +32,12 @@ PARSERS = {
     "plot_logs": ("experiments.plot_logs", "get_args_parser"),
     "sweeps": ("experiments.sweeps", "get_args_parser"),
     "prior_precision": ("experiments.prior_precision", "get_args_parser"),
-    "benchmark model": ("experiments.benchmark_model", "get_args_parser"),
-    "benchmark coattn": ("experiments.benchmark_coattn", "get_args_parser"),
-    "benchmark eval": ("experiments.benchmark_eval", "get_args_parser"),
-    "benchmark infer": ("experiments.benchmark_infer", "get_args_parser"),
+    **{f"benchmark {mode}": (module, "get_args_parser") for mode, module in BENCHMARK_MODULES.items()},
     "export": ("export", "get_args_parser"),
     "check": ("datasets.check", "get_args_parser"),
 }
 # commands whose own flags end at '--': what follows is main.py's
-MAIN_AFTER_DASHES = {"submit", "sweep", "status", "benchmark model", "benchmark coattn", "benchmark eval",
-                     "benchmark infer"}
+MAIN_AFTER_DASHES = {"submit", "sweep", "status", *(f"benchmark {mode}" for mode in BENCHMARK_MODULES)}
 # how a command is written -> the command; scripts that pass their arguments on to main.py count as main.py
 PROGRAMS = {
     "main.py": "main", "predict.py": "predict", "export.py": "export", "datasets.check": "check", "slurm/submit.py": "submit", "slurm.submit": "submit",
@@ -62,7 +59,6 @@ FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*\*?")  # `--train_*`: any flag sta
 FENCE = re.compile(r"^\s*(```|~~~)")
 INLINE = re.compile(r"(`+)(.+?)\1", re.DOTALL)  # a span may wrap onto the next line
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
-BENCHMARK_MODES = ("model", "coattn", "eval", "infer")
 
 
 @lru_cache(maxsize=None)
@@ -153,7 +149,7 @@ def flags_by_command(text: str):
             state[:] = [program, False]
         elif word in EXTERNAL:
             state[:] = [None, True]
-        elif state[0] and state[0].startswith("benchmark") and word in BENCHMARK_MODES and previous in (
+        elif state[0] and state[0].startswith("benchmark") and word in BENCHMARK_MODULES and previous in (
                 "experiments.benchmark", "experiments/benchmark.py"):
             state[0] = f"benchmark {word}"
         elif token == "--" and state[0] in MAIN_AFTER_DASHES:
