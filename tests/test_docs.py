@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import options
-from experiments.benchmark import MODES as BENCHMARK_MODULES
+from experiments.benchmark import DEFAULT_MODE as BENCHMARK_DEFAULT_MODE, MODES as BENCHMARK_MODULES
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")])
@@ -144,7 +144,7 @@ def flags_by_command(text: str):
         word = token.strip("[](){},'\"")
         program = PROGRAMS.get(word) or PROGRAMS.get(word.removeprefix("./")) or unknown_script(word, previous)
         if program == "benchmark":
-            state[:] = ["benchmark model", False]
+            state[:] = [f"benchmark {BENCHMARK_DEFAULT_MODE}", False]
         elif program:
             state[:] = [program, False]
         elif word in EXTERNAL:
