@@ -12,6 +12,8 @@ Modes (``python -m experiments.benchmark MODE --help`` for each one's flags):
   parts   where a training step's time goes: backbone, each encoder and decoder layer (I/M for multi-scale),
           each prior, heads, criterion, matcher, optimizer, each timed on its recorded inputs, as shares of
           the step (experiments/benchmark_parts.py)
+  seed    this fork's training step against the original SMCA code's (a checkout given with --seed_repo),
+          interleaved in one process, with the fork's speed flags (experiments/benchmark_seed.py)
 
 A mode is a module with ``cli(argv) -> exit code``; add one to MODES. Without a mode name the flags go to
 ``model``, so the commands of earlier versions still work.
@@ -31,6 +33,7 @@ MODES = {
     "eval": "experiments.benchmark_eval",
     "infer": "experiments.benchmark_infer",
     "parts": "experiments.benchmark_parts",
+    "seed": "experiments.benchmark_seed",
 }
 DEFAULT_MODE = "model"
 

@@ -48,13 +48,20 @@ def float32_outputs(outputs: dict) -> dict:
             for k, v in outputs.items()}
 
 
+def build_fork(args):
+    """This repo's model, criterion and post-processors, random weights (no download)."""
+    return build_model(args, backbone_weights="none")
+
+
 class Built:
     """One cell's model, criterion and post-processors, built once and shared by its training and inference
-    steps, with main.py's speed flags applied (--channels_last, --compile)."""
+    steps, with main.py's speed flags applied (--channels_last, --compile). ``build(args)`` returns the three;
+    this repo's build_model by default, the original SMCA code's in experiments/benchmark_seed.py (whose args
+    carry channels_last False and compile None)."""
 
-    def __init__(self, args, device: torch.device):
+    def __init__(self, args, device: torch.device, build: Callable = build_fork):
         torch.manual_seed(MODEL_SEED)  # identical weights for the parameters every variant shares
-        model, criterion, self.postprocessors = build_model(args, backbone_weights="none")
+        model, criterion, self.postprocessors = build(args)
         self.module = model.to(device)  # uncompiled: its parameters are the optimizer's
         self.model, self.criterion = accelerate(self.module, args.channels_last, args.compile), criterion.to(device)
 
