@@ -42,7 +42,7 @@ from torch.nn.attention import SDPBackend
 
 import main as detr_main
 from experiments.benchmark_common import (BASELINE, MIB, NO_ROUTE, VARIANTS, environment, fmt_ratio, image_shape,
-                                          memory_meter, peak_memory, ratio, time_calls)
+                                          memory_meter, peak_memory, ratio, set_threads, time_calls)
 from models.attention import FactoredPrior, ModulatedCrossAttention
 from models.spatial_prior import build_priors
 from options import PRIOR_IMPLS
@@ -305,10 +305,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
                         sizes=[image_shape(s) for s in opts.sizes], stride=opts.stride, batch_size=opts.batch_size,
                         hidden_dim=opts.hidden_dim, nheads=opts.nheads, dropout=opts.dropout, device=opts.device,
                         warmup=opts.warmup, iters=opts.iters, repeats=opts.repeats)
-        if opts.threads is not None:
-            if opts.threads <= 0:
-                raise UserError(f"--threads must be positive, got {opts.threads}")
-            torch.set_num_threads(opts.threads)
+        set_threads(opts.threads)
         rows = run(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -63,6 +63,15 @@ RSS_SAMPLE_SECONDS = 0.005
 MIB = 2 ** 20
 
 
+def set_threads(threads: Optional[int]) -> None:
+    """A mode's --threads: torch.set_num_threads, or torch's default when None."""
+    if threads is None:
+        return
+    if threads <= 0:
+        raise UserError(f"--threads must be positive, got {threads}")
+    torch.set_num_threads(threads)
+
+
 def split_model_flags(argv: List[str]) -> Tuple[List[str], List[str]]:
     """A mode's own arguments and, after '--', main.py's flags of the model it measures."""
     if "--" not in argv:

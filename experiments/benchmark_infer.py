@@ -29,7 +29,7 @@ import export
 import main as detr_main
 from datasets import COCO_NUM_CLASSES
 from experiments.benchmark_common import (MIB, VARIANTS, environment, image_shape, memory_meter, peak_memory,
-                                          split_model_flags, time_calls, report)
+                                          set_threads, split_model_flags, time_calls, report)
 from inference import EXPORT_INSTALL_HINT
 import run_setup
 from util.errors import UserError
@@ -164,10 +164,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
         missing = export.missing_packages("onnx")
         if missing:
             raise UserError(f"the infer mode needs {', '.join(missing)}: {EXPORT_INSTALL_HINT}")
-        if opts.threads is not None:
-            if opts.threads <= 0:
-                raise UserError(f"--threads must be positive, got {opts.threads}")
-            torch.set_num_threads(opts.threads)
+        set_threads(opts.threads)
         result = run(opts, model_flags, log=lambda line: print(line, file=sys.stderr, flush=True))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -45,7 +45,8 @@ import torch
 import main as detr_main
 from datasets import COCO_NUM_CLASSES
 from experiments.benchmark_common import (BASELINE, Timing, MIB, MULTISCALE_VARIANTS, NO_ROUTE, VARIANTS, environment,
-                                          image_shape, memory_meter, MEMORY_METHODS, ratio, split_model_flags, write_json)
+                                          image_shape, memory_meter, MEMORY_METHODS, ratio, set_threads, split_model_flags,
+                                          write_json)
 from experiments.benchmark_rounds import Ratio, check_samples, interleave, load_average, paired_ratio
 from experiments.benchmark_steps import STEPS, Built, memory_step, synthetic_batch
 from options import COMPILE_BACKENDS, PRIOR_IMPLS
@@ -336,10 +337,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
                         batch_size=opts.batch_size, device=opts.device, warmup=opts.warmup, samples=opts.samples,
                         compile_backend=opts.compile_backend, amp=opts.amp, model_flags=model_flags,
                         memory=opts.memory, timing=not opts.memory_only)
-        if opts.threads is not None:
-            if opts.threads <= 0:
-                raise UserError(f"--threads must be positive, got {opts.threads}")
-            torch.set_num_threads(opts.threads)
+        set_threads(opts.threads)
         rows = run(config, log=lambda line: print(line, file=sys.stderr, flush=True))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

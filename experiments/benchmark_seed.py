@@ -40,9 +40,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from experiments.benchmark_common import (MEMORY_METHODS, MIB, environment, image_shape, memory_meter, peak_memory,
-                                          ratio, split_model_flags, write_json)
-from experiments.benchmark_model import ACCELS, DEFAULT_ACCEL, Config, variant_args
-from experiments.benchmark_rounds import Ratio, check_samples, interleave, load_average, paired_ratio
+                                          ratio, set_threads, split_model_flags, write_json)
+from experiments.benchmark_model import ACCELS, DEFAULT_ACCEL, Config, check_config, variant_args
+from experiments.benchmark_rounds import Ratio, interleave, load_average, paired_ratio
 from experiments.benchmark_steps import Built, make_train_step, synthetic_batch
 from util.errors import UserError
 
@@ -153,13 +153,23 @@ def fork_cell(accel: str) -> str:
     return f"fork {accel}"
 
 
-def run(seed: SeedCode, dynamic_scale: str, accels: List[str], queries: int, size, batch_size: int, warmup: int,
-        samples: int, device: torch.device, memory: str, model_flags: List[str], log=print) -> List[Row]:
-    config = Config(variants=[dynamic_scale], queries=[queries], sizes=[size], routes=["fused"], accels=accels,
-                    steps=["train"], batch_size=batch_size, device=str(device), model_flags=model_flags)
-    fork_args = {fork_cell(a): variant_args(config, dynamic_scale, queries, "fused", a) for a in accels}
+def seed_config(dynamic_scale: str, accels: List[str], queries: int, size, batch_size: int = 2, warmup: int = 1,
+                samples: int = 10, device: str = "cpu", memory: str = MEMORY_METHODS[0],
+                model_flags: Optional[List[str]] = None) -> Config:
+    """The fork's cells as a ``model``-mode grid (one variant, the fused route, training steps), so that
+    benchmark_model.check_config validates them as it does that mode's."""
+    return Config(variants=[dynamic_scale], queries=[queries], sizes=[size], routes=["fused"], accels=accels,
+                  steps=["train"], batch_size=batch_size, device=device, warmup=warmup, samples=samples,
+                  memory=memory, model_flags=list(model_flags or []))
+
+
+def run(seed: SeedCode, config: Config, log=print) -> List[Row]:
+    check_config(config)
+    (dynamic_scale,), (queries,), (size,) = config.variants, config.queries, config.sizes
+    device, batch_size = torch.device(config.device), config.batch_size
+    fork_args = {fork_cell(a): variant_args(config, dynamic_scale, queries, "fused", a) for a in config.accels}
     original_args = seed_args(seed, dynamic_scale, queries, str(device))
-    samples_tensor, targets = synthetic_batch(batch_size, size[0], size[1], fork_args[fork_cell(accels[0])].num_classes)
+    samples_tensor, targets = synthetic_batch(batch_size, size[0], size[1], fork_args[fork_cell(config.accels[0])].num_classes)
     images = [image.to(device) for image in samples_tensor.tensors]
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     seed_samples = [seed.nested_tensor_from_tensor_list(images), targets]  # its model reads sizes from targets
@@ -173,10 +183,10 @@ def run(seed: SeedCode, dynamic_scale: str, accels: List[str], queries: int, siz
 
     cells = [SEED_CELL] + list(fork_args)
     steps = {cell: build_step(cell) for cell in cells}
-    log(f"{len(cells)} cells built; {warmup} warmup and {samples} timed rounds")
-    timings = interleave(steps, device, warmup, samples, log=log)
+    log(f"{len(cells)} cells built; {config.warmup} warmup and {config.samples} timed rounds")
+    timings = interleave(steps, device, config.warmup, config.samples, log=log)
     del steps
-    meter = memory_meter(device, memory)
+    meter = memory_meter(device, config.memory)
     rows = []
     for cell in cells:
         row = Row(cell, times={"train": timings[cell].times, "train_cpu": timings[cell].cpu_times})
@@ -242,24 +252,11 @@ def cli(argv: Optional[List[str]] = None) -> int:
     opts = get_args_parser().parse_args(own)
     load_start = load_average()
     try:
-        unknown = [a for a in opts.accels if a not in ACCELS]
-        if unknown or len(set(opts.accels)) != len(opts.accels):
-            raise UserError(f"--accels: give each of {' '.join(ACCELS)} at most once, got {' '.join(opts.accels)}")
-        problems = check_samples(opts.samples)
-        if problems:
-            raise UserError(problems[0])
-        if opts.queries <= 0 or opts.batch_size <= 0 or opts.warmup < 0:
-            raise UserError("--queries and --batch_size must be positive and --warmup >= 0")
-        if opts.threads is not None:
-            if opts.threads <= 0:
-                raise UserError(f"--threads must be positive, got {opts.threads}")
-            torch.set_num_threads(opts.threads)
         size = image_shape(opts.size)
-        seed = load_seed(opts.seed_repo)
-        device = torch.device(opts.device)
-        rows = run(seed, opts.dynamic_scale, opts.accels, opts.queries, size, opts.batch_size, opts.warmup,
-                   opts.samples, device, opts.memory, model_flags,
-                   log=lambda line: print(line, file=sys.stderr, flush=True))
+        config = seed_config(opts.dynamic_scale, opts.accels, opts.queries, size, opts.batch_size, opts.warmup,
+                             opts.samples, opts.device, opts.memory, model_flags)
+        set_threads(opts.threads)
+        rows = run(load_seed(opts.seed_repo), config, log=lambda line: print(line, file=sys.stderr, flush=True))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,6 @@ whether to download weights."""
 import sys
 
 import pytest
-import torch
 import torchvision
 
 import models
@@ -144,8 +143,9 @@ def test_seed_mode_times_both_codes_in_the_same_rounds(checkout, capsys):
 
 def test_seed_mode_timings_are_paired_per_round(checkout):
     seed = benchmark_seed.load_seed(str(checkout))
-    rows = benchmark_seed.run(seed, "type2", ["default"], 5, (64, 96), 2, 0, 10, torch.device("cpu"), "tensors",
-                              TINY, log=lambda line: None)
+    config = benchmark_seed.seed_config("type2", ["default"], 5, (64, 96), batch_size=2, warmup=0, samples=10,
+                                        device="cpu", memory="tensors", model_flags=TINY)
+    rows = benchmark_seed.run(seed, config, log=lambda line: None)
     assert [r.cell for r in rows] == ["seed", "fork default"]
     assert seed.build_model.__globals__["BUILT"][0] == ("type2", 5, "cpu", False)
     seed_row, fork_row = rows
