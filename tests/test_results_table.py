@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.compare import group_csv_rows
+from experiments.compare import group_csv_rows, resolve_metric
 from experiments.runs import group_runs, load_runs
 
 pytestmark = pytest.mark.quick
@@ -18,8 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 ARCHIVE = REPO / "experiments" / "results" / "synthetic_multiscale"
 PAGE = REPO / "docs" / "multiscale-smca.md"
 HEADER = "| run | design | seeds |"
-# the docs' metric names -> compare.py's
-METRICS = {"AP": "AP", "AP50": "AP50", "AP_S": "APs", "AP_L": "APl"}
 
 
 def docs_table() -> tuple[list[str], list[list[str]]]:
@@ -37,7 +35,7 @@ def csv_column(doc_column: str) -> tuple[str, str]:
     """'best AP_S' -> ('APs', 'best APs'); 'epoch of best AP' -> ('AP', 'epoch of best')."""
     match = re.fullmatch(r"(best|last|epoch of best) (\w+)", doc_column)
     assert match, f"unknown column {doc_column!r} in {PAGE.name}"
-    kind, metric = match.group(1), METRICS[match.group(2)]
+    kind, metric = match.group(1), resolve_metric(match.group(2).replace("_", ""))  # AP_S -> APs
     return metric, "epoch of best" if kind == "epoch of best" else f"{kind} {metric}"
 
 
@@ -45,7 +43,8 @@ def csv_column(doc_column: str) -> tuple[str, str]:
 def computed():
     groups = group_runs(load_runs([str(ARCHIVE)]))
     tables = {}
-    for metric in set(METRICS.values()):
+    header, _ = docs_table()
+    for metric in {csv_column(column)[0] for column in header[3:]}:
         header, rows = group_csv_rows(groups, metric)
         tables[metric] = {row[0]: dict(zip(header, row)) for row in rows}
     return tables
