@@ -7,18 +7,13 @@ import pytest
 import torch
 
 from experiments import benchmark, benchmark_coattn, benchmark_common, benchmark_model, benchmark_steps
+from tests import md_tables
 from tests.cli import run_script
 from util.errors import UserError
 
 TINY_MODEL = ["--backbone", "resnet18", "--hidden_dim", "32", "--nheads", "4", "--enc_layers", "1",
               "--dec_layers", "1", "--dim_feedforward", "64"]
 BATCH, QUERIES, SIZE, ITERS = 2, 10, 64, 2
-
-
-def _table_rows(text):
-    """Markdown table lines split into cells: header first, separator dropped."""
-    lines = [line for line in text.splitlines() if line.startswith("|")]
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if not line.startswith("|---")]
 
 
 def test_coattn_mode_prior_share_and_saved_memory(tmp_path, capsys):
@@ -47,7 +42,7 @@ def test_coattn_mode_prior_share_and_saved_memory(tmp_path, capsys):
             assert row["prior"] == "G" and row["saved_mib"] > base["saved_mib"]
         elif route == "fused":
             assert row["prior"] == "factors" and 0 < row["saved_mib"] - base["saved_mib"] < one_logit_tensor
-    header, *table = _table_rows(out)
+    header, *table = md_tables.rows(out)
     assert header == benchmark_coattn.COLUMNS
     assert table[1][:8] == ["type4", "fused", "factors", "math", str(queries), size, "16x20", str(queries * 320)]
     assert {row["kernel"] for row in rows.values()} == {"math"}  # CPU with dropout: SDPA's math kernel
@@ -58,7 +53,7 @@ def test_coattn_mode_reports_type4_taking_g_past_its_grid_limit(capsys):
                         "43x42", "--stride", "1", "--batch_size", "1", "--hidden_dim", "8", "--nheads", "2",
                         "--iters", "1", "--warmup", "0", "--device", "cpu", "--dropout", "0"])
     assert rc == 0
-    _, *table = _table_rows(capsys.readouterr().out)
+    _, *table = md_tables.rows(capsys.readouterr().out)
     assert [(row[2], row[6]) for row in table] == [("factors", "42x42"), ("G", "43x42")]
     # without dropout: CPU flash for the factors (v padded to the q/k head dim); a mask that needs a gradient
     # (G in training) sends SDPA to its math kernel
@@ -208,7 +203,7 @@ def test_memory_only_model_mode_measures_without_rounds(capsys):
     assert rc == 0
     assert "no timed rounds (--memory_only)" in out
     assert f"memory: {benchmark_common.CpuTensorPeak.method}" in out
-    header, *rows = _table_rows(out)
+    header, *rows = md_tables.rows(out)
     assert [r[:2] for r in rows] == [["none", "-"], ["type2", "fused"]]
     cells = [dict(zip(header, r)) for r in rows]
     assert all(c["train ms"] == "-" and c["train time /none"] == "-" for c in cells)

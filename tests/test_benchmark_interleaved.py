@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import benchmark, benchmark_common, benchmark_model, benchmark_rounds
+from tests import md_tables
 
 TINY_MODEL = ["--backbone", "resnet18", "--hidden_dim", "32", "--nheads", "4", "--enc_layers", "1",
               "--dec_layers", "1", "--dim_feedforward", "64"]
@@ -98,7 +99,7 @@ def test_tiny_interleaved_run_end_to_end(tmp_path, capsys):
             assert row["mem_vs_none"][kind] == pytest.approx(row["mem_mib"][kind] / base["mem_mib"][kind])
     assert rows["none", "-", "default"]["vs_none"]["train_time"]["median"] == 1.0
     header = [line for line in captured.out.splitlines() if line.startswith("| variant")][0]
-    assert [c.strip() for c in header.strip("|").split("|")] == benchmark_model.table_columns(["train", "infer"])
+    assert md_tables.cells(header) == benchmark_model.table_columns(["train", "infer"])
     assert "load average at start" in captured.out and "at end" in captured.out
     assert csv_path.read_text().splitlines()[0].split(",")[:5] == ["variant", "route", "accel", "queries", "image"]
 

@@ -6,6 +6,7 @@ import torch
 from experiments import benchmark, benchmark_parts
 from experiments.benchmark_model import Config, variant_args
 from experiments.benchmark_steps import Built, synthetic_batch
+from tests import md_tables
 
 TINY = ["--backbone", "resnet18", "--hidden_dim", "32", "--nheads", "4", "--enc_layers", "2", "--dec_layers", "2",
         "--dim_feedforward", "64", "--dropout", "0"]
@@ -60,8 +61,7 @@ def test_parts_mode_table(capsys):
                         "--warmup", "0", "--device", "cpu", "--", *TINY])
     out = capsys.readouterr().out
     assert rc == 0
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
-            if line.startswith("| ms_P_IIMII")]
+    rows = [md_tables.cells(line) for line in out.splitlines() if line.startswith("| ms_P_IIMII")]
     parts = [r[1] for r in rows]
     assert parts[0] == benchmark_parts.STEP and parts[-1] == benchmark_parts.REST
     assert [p for p in parts if p.startswith("transformer.encoder.layers")] == [

@@ -13,6 +13,7 @@ import torchvision
 import models
 import util.misc
 from experiments import benchmark, benchmark_seed
+from tests import md_tables
 
 TINY = ["--backbone", "resnet18", "--hidden_dim", "32", "--nheads", "4", "--enc_layers", "1", "--dec_layers", "1",
         "--dim_feedforward", "64", "--dropout", "0"]
@@ -131,11 +132,11 @@ def test_seed_mode_times_both_codes_in_the_same_rounds(checkout, capsys):
                         "--warmup", "0", "--device", "cpu", "--accels", "default", "channels_last", "--", *TINY])
     out = capsys.readouterr().out
     assert rc == 0
-    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    rows = {md_tables.cells(line)[0]: line for line in out.splitlines() if line.startswith("| ")}
     assert list(rows) == ["cell", "seed", "fork default", "fork channels_last"]
     assert "| 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 1.000 |" in rows["seed"]
     for cell in ("fork default", "fork channels_last"):
-        time_ms, cpu_ms, mib = (float(v) for v in rows[cell].split("|")[2:5])
+        time_ms, cpu_ms, mib = (float(v) for v in md_tables.cells(rows[cell])[1:4])
         assert time_ms > 0 and cpu_ms > 0 and mib > 0
     built = benchmark_seed.load_seed(str(checkout)).build_model.__globals__["BUILT"]
     assert built == []  # a fresh import: the run's builds were in the module imported by the run

@@ -10,6 +10,7 @@ from PIL import Image
 
 from experiments.compare import compare_table, default_out
 from experiments.runs import group_runs, load_runs
+from tests import md_tables
 from tests.cli import run_script
 from util.tb import COCO_METRIC_NAMES, RunLogger
 
@@ -103,10 +104,7 @@ def run_compare(*args):
 
 
 def parse_markdown(stdout):
-    lines = [line for line in stdout.splitlines() if line.startswith("|")]
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
-    assert set(cells[1]) <= {"-" * len(c) for c in cells[1]}, "second line is the header rule"
-    return cells[0], cells[2:]
+    return md_tables.table(stdout.splitlines())
 
 
 def colours(path):

@@ -5,12 +5,13 @@ import csv
 import pytest
 
 from experiments import compare
+from tests import md_tables
 from tests.test_compare import BASE_CONFIG, write_run
 
 
 def table(stdout):
-    lines = [line for line in stdout.splitlines() if line.startswith("|")]
-    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[:1] + lines[2:]]
+    header, rows = md_tables.table(stdout.splitlines())
+    return [header, *rows]
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import pytest
 import main
 from experiments import compare
 from experiments.runs import load_runs
+from tests import md_tables
 from tests.conftest import TINY_CLI
 from util.tb import COCO_METRIC_NAMES
 
@@ -50,6 +51,5 @@ def test_eval_of_a_run_folder_shows_in_compare_marked_as_eval_json(two_epochs, t
     ap = json.loads((out / "eval.json").read_text())["coco_eval_bbox"][0]
     capsys.readouterr()
     compare.main([str(out), "--out", str(tmp_path / "cmp")])
-    header, row = capsys.readouterr().out.splitlines()[0:3:2]
-    cells = [c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]
-    assert dict(zip(*cells))["AP (eval.json)"] == f"{ap:.4f}"
+    header, rows = md_tables.table(capsys.readouterr().out.splitlines())
+    assert dict(zip(header, rows[0]))["AP (eval.json)"] == f"{ap:.4f}"

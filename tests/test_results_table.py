@@ -11,6 +11,7 @@ import pytest
 
 from experiments.compare import group_csv_rows, resolve_metric
 from experiments.runs import group_runs, load_runs
+from tests import md_tables
 
 pytestmark = pytest.mark.quick
 
@@ -21,14 +22,7 @@ HEADER = "| run | design | seeds |"
 
 
 def docs_table() -> tuple[list[str], list[list[str]]]:
-    lines = PAGE.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(HEADER))
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return [cell.strip() for cell in lines[start].strip("|").split("|")], rows
+    return md_tables.table(PAGE.read_text().splitlines(), HEADER)
 
 
 def csv_column(doc_column: str) -> tuple[str, str]:
