@@ -19,7 +19,8 @@ def rows(text: str) -> list[list[str]]:
 
 def table(lines: list[str], header_start: str = "|") -> tuple[list[str], list[list[str]]]:
     """The first table whose header line starts with header_start: its header cells and its body rows."""
-    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    start = next((i for i, line in enumerate(lines) if line.startswith(header_start)), None)
+    assert start is not None, f"no table whose header starts with {header_start!r}"
     assert is_rule(lines[start + 1]), f"no header rule under {lines[start]!r}"
     body = []
     for line in lines[start + 2:]:

@@ -1,4 +1,4 @@
-"""bf16 autocast (--amp): the spatial prior stays float32 and results stay close to float32.
+"""bf16 autocast (--amp): the spatial prior stays float32 and results stay close to float32, single- and multi-scale.
 
 CI has no GPU; CPU autocast to bfloat16 exercises the same code path (engine._autocast uses the device type)."""
 import pytest
@@ -7,6 +7,9 @@ import torch
 from engine import _autocast
 from models import build_model
 from models.attention import FactoredPrior
+from models.multiscale import LevelBias
+from tests.conftest import make_args
+from tests.test_ms_model import P, TARGETS, Z, padded_batch
 from util.misc import nested_tensor_from_tensor_list
 
 
@@ -60,3 +63,47 @@ def test_fused_prior_under_bf16_stays_within_bf16_error_on_qk(dynamic_scale, gri
     assert errors["fused bf16 dims"] > 4 * own
     assert errors["fused fp32"] < own / 2
     assert errors["fused"] <= own + 2 * errors["fused fp32"] + 1e-3
+
+
+def _tensors(prior):
+    return list(prior) if isinstance(prior, FactoredPrior) else [prior]
+
+
+@pytest.mark.parametrize("design", ["P", "Z"])
+@pytest.mark.parametrize("prior_impl", ["fused", "explicit"])
+@pytest.mark.quick
+def test_multiscale_under_bf16_autocast(design, prior_impl):
+    """Multi-scale SMCA (docs/multiscale-smca.md) under autocast: every level's prior and the scale-selection
+    weights stay float32, outputs stay close to float32's, and a training step's loss and every gradient are
+    finite (the per-level softmax, the block-diagonal I layers and Z's depthwise convolutions all run in bf16)."""
+    flags = {**(P if design == "P" else Z), "prior_impl": prior_impl}
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(make_args(dropout=0.0, **flags))
+    model.eval()
+    images = padded_batch()
+    with torch.no_grad():
+        reference = model(images)
+    biases = []
+    hook = model.transformer.decoder.priors[-1].register_forward_hook(lambda m, i, o: biases.append(o))
+    with torch.no_grad(), _autocast(torch.device("cpu"), amp=True):
+        mixed = model(images)
+    hook.remove()
+    (bias,) = biases
+    assert isinstance(bias, LevelBias) and len(bias.priors) == len(flags["ms_levels"].split(","))
+    assert all(isinstance(p, FactoredPrior) == (prior_impl == "fused") for p in bias.priors)
+    assert all(t.dtype == torch.float32 for p in bias.priors for t in _tensors(p))
+    assert bias.alpha.dtype == torch.float32 and torch.allclose(bias.alpha.sum(-1), torch.ones(()))
+    assert mixed["pred_logits"].dtype == torch.bfloat16  # autocast did reach the transformer
+    torch.testing.assert_close(mixed["pred_boxes"].float(), reference["pred_boxes"], atol=1e-2, rtol=0)
+    torch.testing.assert_close(mixed["pred_logits"].float(), reference["pred_logits"], atol=0.1, rtol=0)
+
+    model.train()
+    with _autocast(torch.device("cpu"), amp=True):
+        outputs = model(images)
+        losses = criterion(outputs, TARGETS)
+    loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), \
+        [n for n, g in grads.items() if g is None or not torch.isfinite(g).all()]
