@@ -13,6 +13,11 @@ from tests.test_ms_model import P, TARGETS, Z, padded_batch
 from util.misc import nested_tensor_from_tensor_list
 
 
+def _tensors(prior):
+    """The tensors of a prior: a FactoredPrior's two factors, or G itself."""
+    return list(prior) if isinstance(prior, FactoredPrior) else [prior]
+
+
 @pytest.mark.parametrize("prior_impl", ["fused", "explicit"])
 @pytest.mark.quick
 def test_bf16_autocast_keeps_prior_fp32_and_outputs_close(tiny_args, prior_impl):
@@ -30,8 +35,7 @@ def test_bf16_autocast_keeps_prior_fp32_and_outputs_close(tiny_args, prior_impl)
     hook.remove()
     prior = priors[0]
     assert isinstance(prior, FactoredPrior) == (prior_impl == "fused")
-    tensors = prior if prior_impl == "fused" else [prior]
-    assert all(t.dtype == torch.float32 for t in tensors)  # the prior is computed outside autocast
+    assert all(t.dtype == torch.float32 for t in _tensors(prior))  # the prior is computed outside autocast
     assert torch.isfinite(mixed["pred_logits"]).all()
     torch.testing.assert_close(mixed["pred_boxes"].float(), reference["pred_boxes"], atol=1e-2, rtol=0)
     torch.testing.assert_close(mixed["pred_logits"].float(), reference["pred_logits"], atol=0.1, rtol=0)
@@ -64,9 +68,6 @@ def test_fused_prior_under_bf16_stays_within_bf16_error_on_qk(dynamic_scale, gri
     assert errors["fused fp32"] < own / 2
     assert errors["fused"] <= own + 2 * errors["fused fp32"] + 1e-3
 
-
-def _tensors(prior):
-    return list(prior) if isinstance(prior, FactoredPrior) else [prior]
 
 
 @pytest.mark.parametrize("design", ["P", "Z"])
