@@ -13,6 +13,7 @@ from torch.utils.data.distributed import DistributedSampler
 from datasets.coco_eval import DEFAULT_BACKEND, CocoEvaluator
 from datasets.panoptic_eval import STATS_KEYS, PanopticEvaluator
 from datasets.voc_eval import VocEvaluator
+from models.criterion import weighted
 from util import dist
 from util.errors import UserError
 from util.misc import MetricLogger, PhaseTimer, SmoothedValue
@@ -126,10 +127,10 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             nonfinite(f"non-finite model output ({', '.join(bad)})", i)
             continue
         loss_dict = criterion(outputs, targets)
-        losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+        losses = sum(weighted(loss_dict, weight_dict).values())
 
         reduced = dist.reduce_dict({k: v.detach() for k, v in loss_dict.items()})
-        scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
+        scaled = weighted(reduced, weight_dict)
         unscaled = {f"{k}_unscaled": v for k, v in reduced.items()}
         loss_value = sum(scaled.values()).item()
         if not math.isfinite(loss_value):
@@ -224,9 +225,8 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
                                 f"earlier checkpoint, e.g. with a lower --lr)")
         with timer("loss"):
             loss_dict = dist.reduce_dict(criterion(outputs, targets))
-            weight_dict = criterion.weight_dict
-            metric_logger.update(loss=sum(v * weight_dict[k] for k, v in loss_dict.items() if k in weight_dict),
-                                 **{k: v * weight_dict[k] for k, v in loss_dict.items() if k in weight_dict},
+            scaled = weighted(loss_dict, criterion.weight_dict)
+            metric_logger.update(loss=sum(scaled.values()), **scaled,
                                  class_error=loss_dict.get("class_error", torch.zeros(())))
         with timer("postprocess"):
             orig_sizes = torch.stack([t["orig_size"] for t in targets])

@@ -31,6 +31,7 @@ from experiments.benchmark_common import image_shape, split_model_flags, write_j
 from experiments.benchmark_model import MODEL_VARIANTS, Config, variant_args
 from experiments.benchmark_rounds import Ratio, check_samples, interleave, load_average, paired_ratio
 from experiments.benchmark_steps import Built, float32_outputs, make_train_step, synthetic_batch
+from models.criterion import weighted
 from options import PRIOR_IMPLS
 from util.errors import UserError
 from util.misc import NestedTensor
@@ -139,7 +140,7 @@ def criterion_step(built: Built, calls) -> Callable[[], None]:
         for tensor in _tensors(outputs):
             tensor.grad = None
         losses = built.criterion(outputs, targets)
-        sum(losses[k] * weights[k] for k in losses if k in weights).backward()
+        sum(weighted(losses, weights).values()).backward()
     return step
 
 

@@ -11,6 +11,7 @@ import torch
 from experiments.benchmark_common import autocast, peak_memory
 from models import build_model
 from models.acceleration import accelerate
+from models.criterion import weighted
 from util.misc import nested_tensor_from_tensor_list
 
 BOXES_PER_IMAGE = (3, 6)  # inclusive range of random boxes per synthetic image
@@ -85,7 +86,7 @@ def make_train_step(args, samples, targets, device: torch.device, built: Optiona
         with autocast(device, amp):
             outputs = model(samples)
         loss_dict = criterion(float32_outputs(outputs), targets)
-        loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
+        loss = sum(weighted(loss_dict, weights).values())
         loss.backward()
         if args.clip_max_norm > 0:
             torch.nn.utils.clip_grad_norm_(built.module.parameters(), args.clip_max_norm)

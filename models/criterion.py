@@ -244,6 +244,12 @@ class SetCriterion(nn.Module):
         return losses
 
 
+def weighted(losses: dict[str, Tensor], weight_dict: dict[str, float]) -> dict[str, Tensor]:
+    """The losses that have a weight, each times its weight (in the order of ``losses``); their sum is the loss
+    a step minimises. Takes any criterion's ``weight_dict`` (the benchmarks also run other code's criteria)."""
+    return {k: v * weight_dict[k] for k, v in losses.items() if k in weight_dict}
+
+
 def build_criterion(args, num_classes: int, matcher: nn.Module) -> SetCriterion:
     """args.cls_loss is already resolved to 'ce' or 'focal', and the loss coefficients to floats."""
     final_weights = {"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}

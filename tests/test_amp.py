@@ -6,6 +6,7 @@ import torch
 
 from engine import _autocast
 from models import build_model
+from models.criterion import weighted
 from models.attention import FactoredPrior
 from models.multiscale import LevelBias
 from tests.conftest import make_args
@@ -69,7 +70,6 @@ def test_fused_prior_under_bf16_stays_within_bf16_error_on_qk(dynamic_scale, gri
     assert errors["fused"] <= own + 2 * errors["fused fp32"] + 1e-3
 
 
-
 @pytest.mark.parametrize("design", ["P", "Z"])
 @pytest.mark.parametrize("prior_impl", ["fused", "explicit"])
 @pytest.mark.quick
@@ -102,7 +102,7 @@ def test_multiscale_under_bf16_autocast(design, prior_impl):
     with _autocast(torch.device("cpu"), amp=True):
         outputs = model(images)
         losses = criterion(outputs, TARGETS)
-    loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+    loss = sum(weighted(losses, criterion.weight_dict).values())
     loss.backward()
     assert torch.isfinite(loss)
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

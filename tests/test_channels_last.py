@@ -15,6 +15,7 @@ import torch
 import flag_checks
 import main
 from models import build_model
+from models.criterion import weighted
 from models.acceleration import to_channels_last
 from util.misc import nested_tensor_from_tensor_list
 
@@ -35,7 +36,7 @@ def _batch(num_classes: int):
 def _loss_and_grads(model, criterion, images, targets):
     outputs = model(images)
     losses = criterion(outputs, targets)
-    loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+    loss = sum(weighted(losses, criterion.weight_dict).values())
     model.zero_grad(set_to_none=True)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

@@ -17,6 +17,7 @@ import flag_checks
 import main
 from experiments.benchmark_common import VARIANTS
 from models import build_model
+from models.criterion import weighted
 from models.acceleration import compile_counts, compile_module
 from options import COMPILE_REFUSED
 from util.misc import nested_tensor_from_tensor_list
@@ -49,7 +50,7 @@ def _step(model, criterion, images, targets, module=None):
     module = module or model
     outputs = model(images)
     losses = criterion(outputs, targets)
-    loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+    loss = sum(weighted(losses, criterion.weight_dict).values())
     module.zero_grad(set_to_none=True)
     loss.backward()
     return outputs, {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}

@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 
 import main
 from models import build_model
+from models.criterion import weighted
 import run_setup
 from util import dist as udist
 from util.misc import nested_tensor_from_tensor_list
@@ -52,7 +53,7 @@ def _step(model, criterion, images, targets):
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     outputs = model(nested_tensor_from_tensor_list(images))
     loss_dict = criterion(outputs, targets)
-    loss = sum(loss_dict[k] * criterion.weight_dict[k] for k in loss_dict if k in criterion.weight_dict)
+    loss = sum(weighted(loss_dict, criterion.weight_dict).values())
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

@@ -12,6 +12,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models import build_model
+from models.criterion import weighted
 from models.attention import FactoredPrior, ModulatedCrossAttention
 from models.spatial_prior import MLP, SCALES, CoupledPolynomial, SpatialPrior, lagrange_basis, mixture_mask
 from util.misc import nested_tensor_from_tensor_list
@@ -259,7 +260,7 @@ def train_step_results(args, seed=0):
     for handle in handles:
         handle.remove()
     losses = criterion(outputs, targets)
-    loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+    loss = sum(weighted(losses, criterion.weight_dict).values())
     loss.backward()
     results = {"pred_logits": outputs["pred_logits"].detach(), "pred_boxes": outputs["pred_boxes"].detach(),
                "loss": loss.detach()}

@@ -9,6 +9,7 @@ import torch
 
 import main
 from models import build_model
+from models.criterion import weighted
 from models.multiscale import LevelBias, joint_prior
 import run_setup
 from tests.conftest import TINY_CLI, make_args
@@ -74,7 +75,7 @@ def train_step(args, seed=0):
     for handle in handles:
         handle.remove()
     losses = criterion(outputs, TARGETS)
-    loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+    loss = sum(weighted(losses, criterion.weight_dict).values())
     loss.backward()
     results = {"pred_logits": outputs["pred_logits"].detach(), "pred_boxes": outputs["pred_boxes"].detach(),
                "loss": loss.detach(), **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}

@@ -8,7 +8,7 @@ import main
 import options
 from models import build_model
 from models.criterion import SetCriterion
-from models.criterion import dice_loss
+from models.criterion import dice_loss, weighted
 from models.segmentation import ATTENTION_MAPS, DETRsegm, MaskHeadSmallConv, MHAttentionMap, ScaledMHAttentionMap
 from test_detr_layout import RESNET_DEPTHS, assert_checkpoint_layout, detr_checkpoint_shapes
 from test_models import ZERO_INPUT_AT_INIT, images
@@ -164,7 +164,7 @@ def test_ablation_flags_combine_with_masks_and_every_parameter_learns(tiny_args,
     targets = [synthetic_target(64, 96, seed=1), synthetic_target(96, 64, seed=2)]
     losses = criterion(model(samples), targets)
     assert {"loss_mask", "loss_dice"} <= set(losses) and not any(k.startswith("loss_mask_") for k in losses)
-    sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict).backward()
+    sum(weighted(losses, criterion.weight_dict).values()).backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert not [n for n, p in trainable.items() if p.grad is None]
     zero_at_init = {f"detr.{n}" for n in ZERO_INPUT_AT_INIT}  # DETR's zero decoder input (see test_models)
@@ -304,7 +304,7 @@ def test_frozen_detector_only_the_mask_head_changes_after_a_step(tiny_args, back
     samples = nested_tensor_from_tensor_list(images((64, 96), (96, 64)))
     targets = [synthetic_target(64, 96, seed=1), synthetic_target(96, 64, seed=2)]
     losses = criterion(model(samples), targets)
-    sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict).backward()
+    sum(weighted(losses, criterion.weight_dict).values()).backward()
     optimizer.step()
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}

@@ -6,6 +6,7 @@ import torch
 
 import main
 from models import build_model
+from models.criterion import weighted
 import run_setup
 from tests.cli import run_main
 from util.misc import collate_fn
@@ -49,7 +50,7 @@ def test_few_iterations_lower_the_loss(synthetic_root, variant):
     losses = []
     for _ in range(12):
         loss_dict = criterion(model(samples), list(targets))
-        loss = sum(loss_dict[k] * criterion.weight_dict[k] for k in loss_dict if k in criterion.weight_dict)
+        loss = sum(weighted(loss_dict, criterion.weight_dict).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
