@@ -16,7 +16,8 @@ from tests import md_tables
 pytestmark = pytest.mark.quick
 
 REPO = Path(__file__).resolve().parents[1]
-HEADER = "| run | design | seeds |"
+LABELS = ("run", "design", "seeds")  # a table's first columns; every other column is a mean ± std
+HEADER = "| " + " | ".join(LABELS) + " |"
 # archive -> the docs page whose table (the one under HEADER) it backs
 TABLES = {"synthetic_multiscale": "multiscale-smca.md", "synthetic_convergence": "comparing-runs.md"}
 NUMERIC_COLUMNS = 7
@@ -36,29 +37,27 @@ def csv_column(doc_column: str) -> tuple[str, str]:
 
 @pytest.fixture(scope="module", params=sorted(TABLES))
 def archived(request):
-    """(docs page, {metric: {run: compare_groups.csv row}}) for one archive."""
+    """(docs page, its table's header and rows, {metric: {run: compare_groups.csv row}}) for one archive."""
     page = REPO / "docs" / TABLES[request.param]
+    header, rows = docs_table(page)
     groups = group_runs(load_runs([str(REPO / "experiments" / "results" / request.param)]))
-    header, _ = docs_table(page)
     tables = {}
-    for metric in {csv_column(column)[0] for column in header[3:]}:
-        csv_header, rows = group_csv_rows(groups, metric)
-        tables[metric] = {row[0]: dict(zip(csv_header, row)) for row in rows}
-    return page, tables
+    for metric in {csv_column(column)[0] for column in header if column not in LABELS}:
+        csv_header, csv_rows = group_csv_rows(groups, metric)
+        tables[metric] = {row[0]: dict(zip(csv_header, row)) for row in csv_rows}
+    return page, header, rows, tables
 
 
 def test_every_archived_group_is_in_the_table_once(archived):
-    page, computed = archived
-    _, rows = docs_table(page)
+    page, _, rows, computed = archived
     names = [row[0] for row in rows]
     assert len(names) == len(set(names)), page.name
     assert sorted(names) == sorted(computed["AP"]), page.name
 
 
 def test_every_cell_is_compare_py_mean_and_std_of_the_archive(archived):
-    page, computed = archived
-    header, rows = docs_table(page)
-    numeric = [(i, column) for i, column in enumerate(header) if column not in ("run", "design", "seeds")]
+    page, header, rows, computed = archived
+    numeric = [(i, column) for i, column in enumerate(header) if column not in LABELS]
     assert len(numeric) == NUMERIC_COLUMNS, page.name
     for row in rows:
         run = row[0]
